@@ -1,0 +1,43 @@
+# Set-up is automatic: every target that needs the virtualenv creates it first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint typecheck check fake clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is needed (set PYTHON=python3.12 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# The server on http://localhost:3000 (the fake OpenRouter when OPENROUTER_API_KEY is unset).
+run: $(STAMP)
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(BIN)/python manage.py serve --port $${PORT:-3000}
+
+# The whole suite, with lint and type checks.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+	$(BIN)/python manage.py check --fail-level ERROR
+	$(BIN)/python manage.py makemigrations --check --dry-run
+	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy .
+
+fake: $(STAMP)
+	$(BIN)/python manage.py fake_openrouter --port $${FAKE_PORT:-3999}
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .hypothesis

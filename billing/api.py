@@ -1,0 +1,166 @@
+"""The billing REST API: a caller's balance, usage and ledger.
+
+Authenticated by the site's DRF authentication (the proxy's API keys in the
+Terragon site). Lists are newest first, paginated with ``count``, ``next``
+and ``previous``, and filterable by ``since``/``until`` (ISO 8601) and, for
+usage, ``model``. Errors use the same OpenAI-style JSON as the proxy.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from django.utils.dateparse import parse_datetime
+from django.utils.timezone import is_naive, make_aware
+from rest_framework import exceptions, serializers
+from rest_framework.generics import ListAPIView
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView, exception_handler
+
+from billing.models import CreditLedgerEntry, UsageRecord
+from billing.money import format_usd
+from billing.services import balance_of
+
+
+def openai_style_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    response = exception_handler(exc, context)
+    if response is None:
+        return None
+    detail = response.data.get("detail") if isinstance(response.data, dict) else None
+    message = str(detail) if detail is not None else str(response.data)
+    code = getattr(detail, "code", None) or getattr(exc, "default_code", "error")
+    error_type = {
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+    }.get(response.status_code, "invalid_request_error")
+    response.data = {"error": {"message": message, "type": error_type, "code": code}}
+    return response
+
+
+class MoneyString(serializers.Field):  # type: ignore[type-arg]
+    """A dollar amount as a decimal string, never a float."""
+
+    def to_representation(self, value: Decimal) -> str:
+        return format_usd(value)
+
+
+class UsageRecordSerializer(serializers.ModelSerializer):  # type: ignore[type-arg]
+    cost = MoneyString(source="billed")
+    provider_cost = MoneyString(allow_null=True)
+    status = serializers.CharField(source="outcome")
+
+    class Meta:
+        model = UsageRecord
+        fields = [
+            "id",
+            "created",
+            "model",
+            "requested_model",
+            "endpoint",
+            "streamed",
+            "status",
+            "settlement",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "reasoning_tokens",
+            "cost",
+            "provider_cost",
+            "cost_source",
+            "generation_id",
+            "latency_ms",
+            "ttfb_ms",
+        ]
+
+    created = serializers.DateTimeField(source="created_at")
+    latency_ms = serializers.IntegerField(source="upstream_latency_ms", allow_null=True)
+
+
+class LedgerEntrySerializer(serializers.ModelSerializer):  # type: ignore[type-arg]
+    amount = MoneyString()
+    created = serializers.DateTimeField(source="created_at")
+    usage_record: serializers.PrimaryKeyRelatedField[UsageRecord] = (
+        serializers.PrimaryKeyRelatedField(read_only=True)
+    )
+
+    class Meta:
+        model = CreditLedgerEntry
+        fields = ["id", "created", "kind", "amount", "note", "reference", "usage_record"]
+
+
+class NewestFirstPagination(PageNumberPagination):
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 500
+
+
+def _moment(request: Request, name: str) -> datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        moment = parse_datetime(raw)
+    except ValueError:
+        moment = None
+    if moment is None:
+        raise exceptions.ValidationError(
+            {"detail": f"`{name}` must be an ISO 8601 date-time, e.g. 2026-11-01T00:00:00Z."}
+        )
+    return make_aware(moment) if is_naive(moment) else moment
+
+
+class BillingAPIView(APIView):
+    def get_exception_handler(self) -> Any:
+        return openai_style_exception_handler
+
+
+class BalanceView(BillingAPIView):
+    def get(self, request: Request) -> Response:
+        user = request.user
+        return Response(
+            {
+                "balance": format_usd(balance_of(user)),
+                "currency": "USD",
+                "user": getattr(user, "get_username", lambda: "")(),
+            }
+        )
+
+
+class _TimeFilteredList(BillingAPIView, ListAPIView):  # type: ignore[type-arg]
+    pagination_class = NewestFirstPagination
+
+    def filter_by_time(self, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        since = _moment(self.request, "since")
+        until = _moment(self.request, "until")
+        if since is not None:
+            queryset = queryset.filter(created_at__gte=since)
+        if until is not None:
+            queryset = queryset.filter(created_at__lt=until)
+        return queryset
+
+
+class UsageListView(_TimeFilteredList):
+    serializer_class = UsageRecordSerializer
+
+    def get_queryset(self) -> QuerySet[UsageRecord]:
+        queryset = UsageRecord.objects.for_user(self.request.user).order_by("-created_at", "-id")
+        model = self.request.query_params.get("model")
+        if model:
+            queryset = queryset.filter(Q(model=model) | Q(requested_model=model))
+        return self.filter_by_time(queryset)
+
+
+class LedgerListView(_TimeFilteredList):
+    serializer_class = LedgerEntrySerializer
+
+    def get_queryset(self) -> QuerySet[CreditLedgerEntry]:
+        queryset = CreditLedgerEntry.objects.for_user(self.request.user).order_by(
+            "-created_at", "-id"
+        )
+        return self.filter_by_time(queryset)

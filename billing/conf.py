@@ -1,0 +1,53 @@
+"""Billing's settings, read lazily from Django settings (prefix ``BILLING_``)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+
+class BillingSettings:
+    def _get(self, name: str, default: Any) -> Any:
+        return getattr(settings, f"BILLING_{name}", default)
+
+    @property
+    def MARKUP(self) -> Decimal:
+        """Billed amount = provider cost * MARKUP."""
+        return Decimal(str(self._get("MARKUP", "1")))
+
+    @property
+    def MAX_IN_FLIGHT(self) -> int:
+        """Requests one user may have in flight at once (the overspend bound)."""
+        return int(self._get("MAX_IN_FLIGHT", 8))
+
+    @property
+    def IN_FLIGHT_LEASE(self) -> int:
+        """Seconds after which an idle user's in-flight count is presumed stale.
+
+        Slots held by a worker that died are given back when the user has
+        started no request for this long.
+        """
+        return int(self._get("IN_FLIGHT_LEASE", 1800))
+
+    @property
+    def CREDITS_LOW_THRESHOLD(self) -> Decimal:
+        return Decimal(str(self._get("CREDITS_LOW_THRESHOLD", "5")))
+
+    @property
+    def SPOOL_DIR(self) -> Path:
+        """Where charges that could not reach the database wait to be replayed."""
+        return Path(self._get("SPOOL_DIR", Path(settings.BASE_DIR) / "var" / "spool"))
+
+    @property
+    def RECORD_ATTEMPTS(self) -> int:
+        return int(self._get("RECORD_ATTEMPTS", 3))
+
+    @property
+    def RECORD_RETRY_DELAY(self) -> float:
+        return float(self._get("RECORD_RETRY_DELAY", 0.2))
+
+
+billing_settings = BillingSettings()

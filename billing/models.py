@@ -1,0 +1,210 @@
+"""Credit accounts, their append-only ledger, usage records and model prices.
+
+The invariant the whole app protects: for every user,
+``CreditAccount.balance == SUM(CreditLedgerEntry.amount)``. A balance changes
+only in ``billing.services``, in the same transaction as the ledger row that
+explains it, through an atomic ``UPDATE ... SET balance = balance + x``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q, Sum
+from django.utils import timezone
+
+from billing.money import MoneyField, NullableMoneyField
+
+
+class CreditAccount(models.Model):
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="credit_account"
+    )
+    balance = MoneyField(default=Decimal(0), editable=False)
+    # Requests admitted and not yet settled: the overspend bound (see services).
+    in_flight = models.PositiveIntegerField(default=0, editable=False)
+    in_flight_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["user_id"]
+        verbose_name = "credit account"
+
+    def __str__(self) -> str:
+        return f"{self.user} (${self.balance})"
+
+
+class LedgerKind(models.TextChoices):
+    GRANT = "grant", "Grant"
+    USAGE = "usage", "Usage charge"
+    ADJUSTMENT = "adjustment", "Adjustment"
+    REFUND = "refund", "Refund"
+
+
+class CreditLedgerQuerySet(models.QuerySet["CreditLedgerEntry"]):
+    def for_user(self, user: Any) -> CreditLedgerQuerySet:
+        return self.filter(user=user)
+
+    def total(self) -> Decimal:
+        return self.aggregate(total=Sum("amount"))["total"] or Decimal(0)
+
+
+class CreditLedgerEntry(models.Model):
+    """One movement of a balance. Rows are never edited: corrections are new rows."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="credit_entries"
+    )
+    kind = models.CharField(max_length=16, choices=LedgerKind.choices)
+    amount = MoneyField()
+    # Idempotency: the same movement can never be written twice.
+    reference = models.CharField(max_length=120, unique=True)
+    note = models.CharField(max_length=255, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="Who made the movement; empty for automatic usage charges.",
+    )
+    usage_record = models.OneToOneField(
+        "UsageRecord",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="ledger_entry",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = CreditLedgerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "ledger entry"
+        verbose_name_plural = "ledger entries"
+        indexes = [models.Index(fields=["user", "-created_at"], name="ledger_user_created")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.amount} for {self.user}"
+
+
+class Outcome(models.TextChoices):
+    COMPLETED = "completed", "Completed"
+    UPSTREAM_ERROR = "upstream_error", "Upstream error"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable", "Upstream unreachable"
+    CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
+
+
+class Settlement(models.TextChoices):
+    SETTLED = "settled", "Settled"
+    PENDING = "pending", "Pending cost"
+    UNPRICED = "unpriced", "Unpriced"
+
+
+class CostSource(models.TextChoices):
+    PROVIDER = "provider", "Provider-reported"
+    GENERATION = "generation", "Generation stats"
+    PRICE_TABLE = "price_table", "Price table"
+    NONE = "none", "No cost"
+
+
+class UsageRecordQuerySet(models.QuerySet["UsageRecord"]):
+    def for_user(self, user: Any) -> UsageRecordQuerySet:
+        return self.filter(user=user)
+
+    def pending(self) -> UsageRecordQuerySet:
+        return self.filter(settlement=Settlement.PENDING)
+
+    def needing_attention(self) -> UsageRecordQuerySet:
+        return self.filter(settlement__in=[Settlement.PENDING, Settlement.UNPRICED])
+
+    def since(self, moment: datetime) -> UsageRecordQuerySet:
+        return self.filter(created_at__gte=moment)
+
+    def last_days(self, days: int) -> UsageRecordQuerySet:
+        return self.since(timezone.now() - timedelta(days=days))
+
+
+class UsageRecord(models.Model):
+    """One proxied request to a billed endpoint. Small on purpose: no bodies."""
+
+    request_id = models.UUIDField(unique=True, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="usage_records"
+    )
+    api_key_id = models.BigIntegerField(null=True, blank=True)
+    api_key_label = models.CharField(max_length=40, blank=True)
+    requested_model = models.CharField(max_length=200, blank=True)
+    model = models.CharField(max_length=200, blank=True, help_text="Model that served it.")
+    endpoint = models.CharField(max_length=40)
+    streamed = models.BooleanField(default=False)
+    outcome = models.CharField(max_length=24, choices=Outcome.choices)
+    settlement = models.CharField(max_length=12, choices=Settlement.choices)
+    cost_source = models.CharField(max_length=12, choices=CostSource.choices)
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    generation_id = models.CharField(max_length=120, null=True, blank=True, unique=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cached_tokens = models.PositiveIntegerField(null=True, blank=True)
+    cache_write_tokens = models.PositiveIntegerField(null=True, blank=True)
+    reasoning_tokens = models.PositiveIntegerField(null=True, blank=True)
+    provider_cost = NullableMoneyField()
+    billed = MoneyField(default=Decimal(0))
+    # The record still holds one of its user's in-flight slots (pending cost).
+    holds_slot = models.BooleanField(default=False, editable=False)
+    upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    ttfb_ms = models.PositiveIntegerField(null=True, blank=True)
+    error_message = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    settled_at = models.DateTimeField(null=True, blank=True)
+
+    objects = UsageRecordQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name = "usage record"
+        indexes = [
+            models.Index(fields=["user", "-created_at"], name="usage_user_created"),
+            models.Index(fields=["-created_at"], name="usage_created"),
+            models.Index(fields=["model", "-created_at"], name="usage_model_created"),
+            models.Index(
+                fields=["settlement", "created_at"],
+                name="usage_needing_attention",
+                condition=~Q(settlement="settled"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.model or self.requested_model} ({self.request_id})"
+
+
+class ModelPrice(models.Model):
+    """Fallback prices (USD per token), synced from the provider's catalogue.
+
+    Only used when a response reports tokens but no cost: the provider's own
+    ``usage.cost`` is the billing truth.
+    """
+
+    model_id = models.CharField(max_length=200, unique=True)
+    name = models.CharField(max_length=200, blank=True)
+    prompt = MoneyField(default=Decimal(0))
+    completion = MoneyField(default=Decimal(0))
+    request = MoneyField(default=Decimal(0))
+    image = MoneyField(default=Decimal(0))
+    input_cache_read = NullableMoneyField()
+    input_cache_write = NullableMoneyField()
+    internal_reasoning = NullableMoneyField()
+    web_search = NullableMoneyField()
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["model_id"]
+        verbose_name = "model price"
+
+    def __str__(self) -> str:
+        return self.model_id

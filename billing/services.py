@@ -1,0 +1,416 @@
+"""Every movement of money, each in one transaction.
+
+The proxy calls these through ``sync_to_async``; management commands and the
+admin call them directly. The rules:
+
+* A balance changes only here, together with the ledger row that explains it,
+  through ``UPDATE ... SET balance = balance ± x`` (no read-modify-write), so
+  concurrent requests of one user in several processes lose nothing.
+* A usage record is written once: ``request_id`` is unique (replays of the
+  spool are no-ops) and so is ``generation_id`` (a generation reported twice is
+  charged once).
+* Overspend is bounded by admitting at most ``BILLING_MAX_IN_FLIGHT`` unsettled
+  requests per user, counted in the account row itself (see ``admit_request``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Case, F, IntegerField, Q, Sum, Value, When
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from billing.conf import billing_settings
+from billing.models import (
+    CostSource,
+    CreditAccount,
+    CreditLedgerEntry,
+    LedgerKind,
+    ModelPrice,
+    Outcome,
+    Settlement,
+    UsageRecord,
+)
+from billing.money import MoneyField, quantize
+from billing.signals import credits_low
+from billing.usage import ReportedUsage
+
+logger = logging.getLogger(__name__)
+
+
+# --- Admission: the 402 gate and the overspend bound -------------------------
+
+
+class Admission(enum.Enum):
+    ADMITTED = "admitted"
+    NO_CREDIT = "no_credit"
+    TOO_MANY_IN_FLIGHT = "too_many_in_flight"
+
+
+def admit_request(user_id: int) -> Admission:
+    """Take one in-flight slot for the user if they have credit and a free slot.
+
+    One conditional ``UPDATE``: row locking makes it exact across processes
+    and hosts. A slot is given back when the request's usage is settled. If a
+    worker dies holding slots, they are reclaimed once the user has started no
+    request for ``BILLING_IN_FLIGHT_LEASE`` seconds.
+    """
+    now = timezone.now()
+    admitted = (
+        CreditAccount.objects.filter(user_id=user_id, balance__gt=0)
+        .filter(Q(in_flight__lt=billing_settings.MAX_IN_FLIGHT) | Q(in_flight_expires_at__lt=now))
+        .update(
+            in_flight=Case(
+                When(in_flight_expires_at__lt=now, then=Value(1)),
+                default=F("in_flight") + 1,
+                output_field=IntegerField(),
+            ),
+            in_flight_expires_at=now + timedelta(seconds=billing_settings.IN_FLIGHT_LEASE),
+        )
+    )
+    if admitted:
+        return Admission.ADMITTED
+    balance = CreditAccount.objects.filter(user_id=user_id).values_list("balance", flat=True)
+    current = balance.first()
+    if current is None or current <= 0:
+        return Admission.NO_CREDIT
+    return Admission.TOO_MANY_IN_FLIGHT
+
+
+def release_request(user_id: int) -> None:
+    """Give back a slot taken by :func:`admit_request` when nothing is recorded."""
+    CreditAccount.objects.filter(user_id=user_id).update(in_flight=_one_slot_less())
+
+
+def _one_slot_less() -> Greatest:
+    return Greatest(F("in_flight") - 1, Value(0), output_field=IntegerField())
+
+
+# --- Recording usage ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDraft:
+    """Everything known about one proxied request when it ends."""
+
+    request_id: uuid.UUID
+    user_id: int
+    endpoint: str
+    streamed: bool
+    outcome: str
+    usage: ReportedUsage = field(default_factory=ReportedUsage)
+    api_key_id: int | None = None
+    api_key_label: str = ""
+    requested_model: str = ""
+    http_status: int | None = None
+    created_at: datetime = field(default_factory=timezone.now)
+    upstream_latency_ms: int | None = None
+    ttfb_ms: int | None = None
+    error_message: str = ""
+    # The request holds an in-flight slot that recording gives back.
+    holds_slot: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    settlement: str
+    cost_source: str
+    provider_cost: Decimal | None
+    billed: Decimal
+
+
+class RecordResult(enum.Enum):
+    RECORDED = "recorded"
+    ALREADY_RECORDED = "already_recorded"
+    DUPLICATE_GENERATION = "duplicate_generation"
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    result: RecordResult
+    settlement: str | None = None
+
+    @property
+    def awaits_cost(self) -> bool:
+        return self.result is RecordResult.RECORDED and self.settlement == Settlement.PENDING
+
+
+def bill(cost: Decimal) -> Decimal:
+    """What the user pays for a provider cost."""
+    return quantize(cost * billing_settings.MARKUP)
+
+
+def price_table_cost(usage: ReportedUsage, model: str) -> Decimal | None:
+    """Cost of the usage at the synced catalogue price, or ``None`` without one."""
+    candidates = [model]
+    base, _, variant = model.partition(":")
+    if variant:
+        candidates.append(base)
+    price = ModelPrice.objects.filter(model_id__in=candidates).order_by("-model_id").first()
+    if price is None:
+        return None
+    prompt = usage.prompt_tokens or 0
+    completion = usage.completion_tokens or 0
+    cached = min(usage.cached_tokens or 0, prompt)
+    cache_write = min(usage.cache_write_tokens or 0, prompt - cached)
+    reasoning = min(usage.reasoning_tokens or 0, completion)
+    cache_read_price = price.prompt if price.input_cache_read is None else price.input_cache_read
+    cache_write_price = price.prompt if price.input_cache_write is None else price.input_cache_write
+    cost = (prompt - cached - cache_write) * price.prompt
+    cost += cached * cache_read_price + cache_write * cache_write_price
+    if price.internal_reasoning is not None and reasoning:
+        cost += reasoning * price.internal_reasoning + (completion - reasoning) * price.completion
+    else:
+        cost += completion * price.completion
+    return cost + price.request
+
+
+def determine_charge(draft: UsageDraft) -> Charge:
+    """How a request is billed, from the best source available.
+
+    The provider's reported cost is the truth, an explicit zero included.
+    Without it: the price table for reported tokens; the generation stats
+    endpoint when a generation id is known (the record stays pending); else
+    the record is unpriced, for an operator to see. Never a silent zero.
+    """
+    usage = draft.usage
+    cost = usage.provider_cost
+    if cost is not None:
+        return Charge(Settlement.SETTLED, CostSource.PROVIDER, cost, bill(cost))
+    if usage.has_tokens:
+        estimated = price_table_cost(usage, usage.model or draft.requested_model)
+        if estimated is not None:
+            return Charge(Settlement.SETTLED, CostSource.PRICE_TABLE, estimated, bill(estimated))
+    if usage.generation_id:
+        return Charge(Settlement.PENDING, CostSource.NONE, None, Decimal(0))
+    if usage.has_tokens or draft.outcome in (Outcome.COMPLETED, Outcome.CLIENT_DISCONNECTED):
+        return Charge(Settlement.UNPRICED, CostSource.NONE, None, Decimal(0))
+    # Refused or failed before anything was generated: nothing to pay.
+    return Charge(Settlement.SETTLED, CostSource.NONE, None, Decimal(0))
+
+
+def record_usage(draft: UsageDraft) -> Recorded:
+    """Write the usage record and its charge, once."""
+    charge = determine_charge(draft)
+    usage = draft.usage
+    keeps_slot = draft.holds_slot and charge.settlement == Settlement.PENDING
+    try:
+        with transaction.atomic():
+            record = UsageRecord.objects.create(
+                request_id=draft.request_id,
+                user_id=draft.user_id,
+                api_key_id=draft.api_key_id,
+                api_key_label=draft.api_key_label,
+                requested_model=draft.requested_model[:200],
+                model=(usage.model or "")[:200],
+                endpoint=draft.endpoint,
+                streamed=draft.streamed,
+                outcome=draft.outcome,
+                settlement=charge.settlement,
+                cost_source=charge.cost_source,
+                http_status=draft.http_status,
+                generation_id=(usage.generation_id or None),
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                cache_write_tokens=usage.cache_write_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                provider_cost=charge.provider_cost,
+                billed=charge.billed,
+                holds_slot=keeps_slot,
+                upstream_latency_ms=draft.upstream_latency_ms,
+                ttfb_ms=draft.ttfb_ms,
+                error_message=(draft.error_message or usage.error_message or "")[:500],
+                created_at=draft.created_at,
+                settled_at=timezone.now() if charge.settlement == Settlement.SETTLED else None,
+            )
+            _charge_account(
+                draft.user_id,
+                charge.billed,
+                record=record,
+                release_slot=draft.holds_slot and not keeps_slot,
+            )
+    except IntegrityError:
+        if UsageRecord.objects.filter(request_id=draft.request_id).exists():
+            return Recorded(RecordResult.ALREADY_RECORDED)
+        if draft.holds_slot:
+            release_request(draft.user_id)
+        logger.warning(
+            "generation %s was reported twice; recorded and charged once",
+            usage.generation_id,
+        )
+        return Recorded(RecordResult.DUPLICATE_GENERATION)
+    return Recorded(RecordResult.RECORDED, charge.settlement)
+
+
+def settle_pending(
+    record_id: int, cost: Decimal, source: str = CostSource.GENERATION, **tokens: int | None
+) -> bool:
+    """Settle a pending record at a cost learnt later. True if this call settled it.
+
+    Safe to call concurrently from several hosts: the row lock lets exactly one
+    caller find the record still pending.
+    """
+    with transaction.atomic():
+        record = (
+            UsageRecord.objects.select_for_update()
+            .filter(pk=record_id, settlement=Settlement.PENDING)
+            .first()
+        )
+        if record is None:
+            return False
+        record.settlement = Settlement.SETTLED
+        record.cost_source = source
+        record.provider_cost = cost
+        record.billed = bill(cost)
+        record.settled_at = timezone.now()
+        release = record.holds_slot
+        record.holds_slot = False
+        for name, value in tokens.items():
+            if value is not None and getattr(record, name) is None:
+                setattr(record, name, value)
+        record.save()
+        _charge_account(record.user_id, record.billed, record=record, release_slot=release)
+    return True
+
+
+def give_up_pending(record_id: int, reason: str) -> bool:
+    """Mark a pending record unpriced (for an operator) and free its slot."""
+    with transaction.atomic():
+        record = (
+            UsageRecord.objects.select_for_update()
+            .filter(pk=record_id, settlement=Settlement.PENDING)
+            .first()
+        )
+        if record is None:
+            return False
+        release = record.holds_slot
+        record.settlement = Settlement.UNPRICED
+        record.holds_slot = False
+        record.error_message = (record.error_message or reason)[:500]
+        record.save(update_fields=["settlement", "holds_slot", "error_message"])
+        if release:
+            release_request(record.user_id)
+    return True
+
+
+def _charge_account(
+    user_id: int, amount: Decimal, *, record: UsageRecord, release_slot: bool
+) -> None:
+    updates: dict[str, Any] = {}
+    if release_slot:
+        updates["in_flight"] = _one_slot_less()
+    if amount:
+        CreditLedgerEntry.objects.create(
+            user_id=user_id,
+            kind=LedgerKind.USAGE,
+            amount=-amount,
+            reference=f"usage:{record.request_id}",
+            usage_record=record,
+            created_at=record.settled_at or timezone.now(),
+        )
+        updates["balance"] = F("balance") - Value(amount, output_field=MoneyField())
+    if not updates:
+        return
+    if not CreditAccount.objects.filter(user_id=user_id).update(**updates):
+        CreditAccount.objects.get_or_create(user_id=user_id)
+        CreditAccount.objects.filter(user_id=user_id).update(**updates)
+    if amount > 0:
+        _notify_if_low(user_id, amount)
+
+
+# --- Grants and adjustments ------------------------------------------------------
+
+
+def grant_credits(
+    user: Any,
+    amount: Decimal,
+    *,
+    note: str = "",
+    actor: Any = None,
+    kind: str = LedgerKind.GRANT,
+    reference: str | None = None,
+) -> CreditLedgerEntry:
+    """Add (or, with a negative amount, remove) credit, with its ledger row.
+
+    ``reference`` makes a grant idempotent: granting twice with the same
+    reference raises ``IntegrityError`` and changes nothing.
+    """
+    amount = quantize(Decimal(amount))
+    if amount == 0:
+        raise ValueError("A credit movement needs a non-zero amount.")
+    user_id = user if isinstance(user, int) else user.pk
+    with transaction.atomic():
+        CreditAccount.objects.get_or_create(user_id=user_id)
+        entry = CreditLedgerEntry.objects.create(
+            user_id=user_id,
+            kind=kind,
+            amount=amount,
+            reference=reference or f"{kind}:{uuid.uuid4()}",
+            note=note[:255],
+            actor=actor,
+        )
+        CreditAccount.objects.filter(user_id=user_id).update(
+            balance=F("balance") + Value(amount, output_field=MoneyField())
+        )
+        if amount < 0:
+            _notify_if_low(user_id, -amount)
+    return entry
+
+
+def _notify_if_low(user_id: int, decrease: Decimal) -> None:
+    """Send ``credits_low`` after commit if this decrease crossed the threshold."""
+    threshold = billing_settings.CREDITS_LOW_THRESHOLD
+    balance = CreditAccount.objects.filter(user_id=user_id).values_list("balance", flat=True).get()
+    if balance < threshold <= balance + decrease:
+        transaction.on_commit(
+            lambda: credits_low.send(
+                sender=CreditAccount, user_id=user_id, balance=balance, threshold=threshold
+            )
+        )
+
+
+def balance_of(user: Any) -> Decimal:
+    user_id = user if isinstance(user, int) else user.pk
+    value = CreditAccount.objects.filter(user_id=user_id).values_list("balance", flat=True).first()
+    return value if value is not None else Decimal(0)
+
+
+# --- Audit ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerMismatch:
+    user_id: int
+    balance: Decimal
+    ledger_total: Decimal
+
+    @property
+    def difference(self) -> Decimal:
+        return self.balance - self.ledger_total
+
+
+def check_ledger() -> list[LedgerMismatch]:
+    """Accounts whose balance differs from the sum of their ledger."""
+    totals = dict(
+        CreditLedgerEntry.objects.order_by()
+        .values("user_id")
+        .annotate(total=Sum("amount"))
+        .values_list("user_id", "total")
+    )
+    mismatches = []
+    for user_id, balance in CreditAccount.objects.values_list("user_id", "balance"):
+        total = totals.pop(user_id, Decimal(0))
+        if balance != total:
+            mismatches.append(LedgerMismatch(user_id, balance, total))
+    for user_id, total in totals.items():
+        mismatches.append(LedgerMismatch(user_id, Decimal(0), total))
+    return sorted(mismatches, key=lambda m: m.user_id)

@@ -1,0 +1,121 @@
+"""A lean ASGI path for the proxy, beside the site's full Django stack.
+
+Django's built-in middleware (sessions, auth, CSRF, messages...) is
+sync-only: under ASGI each one costs the proxy a hop to a thread and back on
+every request, and none of it is useful to an API authenticated by key. So
+requests under the proxy's prefix go to a second Django handler whose
+middleware chain is empty; everything else goes to the site's handler
+unchanged. This layer also refuses, before a byte of the body is read, a
+request with no API key or with a declared body over the limit, and runs the
+lifespan protocol: at shutdown it waits for settlement tasks and closes the
+upstream client.
+
+Use it in the site's ``asgi.py``::
+
+    application = with_proxy_fast_path(get_asgi_application(), "/api/proxy/openrouter")
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.core.handlers.asgi import ASGIHandler
+from django.core.handlers.exception import convert_exception_to_response
+
+from openrouter_proxy.callers import extract_token
+from openrouter_proxy.conf import proxy_settings
+from openrouter_proxy.cors import cors_headers
+from openrouter_proxy.errors import error_body
+from openrouter_proxy.settlement import drain
+from openrouter_proxy.upstream import close_clients
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ProxyHandler(ASGIHandler):
+    """Django's ASGI handler with no middleware at all."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        self._view_middleware: list[Any] = []
+        self._template_response_middleware: list[Any] = []
+        self._exception_middleware: list[Any] = []
+        self._middleware_chain = convert_exception_to_response(
+            self._get_response_async  # type: ignore[attr-defined]
+        )
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in scope.get("headers", [])
+    }
+
+
+async def _send_error(send: Send, status: int, message: str, code: str, origin: str | None) -> None:
+    body = error_body(status, message, code)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in cors_headers(origin).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def early_refusal(scope: Scope) -> tuple[int, str, str] | None:
+    """A request the proxy would refuse whatever its body says."""
+    if scope.get("method") == "OPTIONS":
+        return None
+    headers = _headers(scope)
+    if extract_token(headers.get) is None:
+        return (
+            401,
+            "Missing API key: send it as `X-Daemon-Token` or `Authorization: Bearer`.",
+            "missing_api_key",
+        )
+    declared = headers.get("content-length", "")
+    limit = proxy_settings.MAX_BODY_BYTES
+    if declared.isdigit() and int(declared) > limit:
+        return 413, f"The request body is larger than {limit} bytes.", "body_too_large"
+    return None
+
+
+def with_proxy_fast_path(site: ASGIApp, prefix: str) -> ASGIApp:
+    """Route ``prefix`` and everything below it to the lean proxy handler."""
+    prefix = prefix.rstrip("/")
+    proxy_app = ProxyHandler()
+
+    async def application(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == prefix or path.startswith(prefix + "/")):
+            refusal = early_refusal(scope)
+            if refusal is not None:
+                await _send_error(send, *refusal, _headers(scope).get("origin"))
+                return
+            await proxy_app(scope, receive, send)
+            return
+        await site(scope, receive, send)
+
+    return application
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            try:
+                await drain(proxy_settings.SHUTDOWN_GRACE)
+                await close_clients()
+            except Exception:
+                logger.exception("error while shutting the proxy down")
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,78 @@
+"""System checks: a misconfigured proxy fails ``manage.py check``, not a request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
+
+from openrouter_proxy.conf import proxy_settings
+
+
+@register(Tags.compatibility)
+def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from urllib.parse import urlsplit
+
+    messages: list[CheckMessage] = []
+    base = urlsplit(proxy_settings.BASE_URL)
+    if base.scheme not in {"http", "https"} or not base.hostname or base.query or base.fragment:
+        messages.append(
+            Error(
+                "OPENROUTER_PROXY_BASE_URL must be an http(s) URL without query or fragment.",
+                hint="For example https://openrouter.ai/api",
+                id="openrouter_proxy.E001",
+            )
+        )
+    try:
+        verifier = import_string(proxy_settings.KEY_VERIFIER)
+    except ImportError as error:
+        messages.append(
+            Error(
+                f"OPENROUTER_PROXY_KEY_VERIFIER cannot be imported: {error}",
+                hint="Name a callable taking a token and returning a Caller or None.",
+                id="openrouter_proxy.E002",
+            )
+        )
+    else:
+        if not callable(verifier):
+            messages.append(
+                Error("OPENROUTER_PROXY_KEY_VERIFIER is not callable.", id="openrouter_proxy.E002")
+            )
+    models = proxy_settings.ALLOWED_MODELS
+    if not models or not all(isinstance(pattern, str) and pattern for pattern in models):
+        messages.append(
+            Error(
+                "OPENROUTER_PROXY_ALLOWED_MODELS must be a non-empty list of model patterns.",
+                hint='Use ["*"] to allow every model.',
+                id="openrouter_proxy.E003",
+            )
+        )
+    try:
+        numbers = {
+            "CONNECT_TIMEOUT": proxy_settings.CONNECT_TIMEOUT,
+            "READ_TIMEOUT": proxy_settings.READ_TIMEOUT,
+            "WRITE_TIMEOUT": proxy_settings.WRITE_TIMEOUT,
+            "POOL_TIMEOUT": proxy_settings.POOL_TIMEOUT,
+            "MAX_BODY_BYTES": proxy_settings.MAX_BODY_BYTES,
+            "MAX_CONNECTIONS": proxy_settings.MAX_CONNECTIONS,
+        }
+        bad = [name for name, value in numbers.items() if value <= 0]
+        delays = proxy_settings.SETTLE_DELAYS
+        if any(delay < 0 for delay in delays):
+            bad.append("SETTLE_DELAYS")
+    except (TypeError, ValueError):
+        bad = ["(a value that is not a number)"]
+    for name in bad:
+        messages.append(
+            Error(f"OPENROUTER_PROXY_{name} must be a positive number.", id="openrouter_proxy.E004")
+        )
+    if not proxy_settings.API_KEY:
+        messages.append(
+            Warning(
+                "OPENROUTER_PROXY_API_KEY is empty: every proxied request will get a 503.",
+                hint="Set OPENROUTER_API_KEY in the environment.",
+                id="openrouter_proxy.W001",
+            )
+        )
+    return messages

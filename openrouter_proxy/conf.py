@@ -1,0 +1,104 @@
+"""The proxy's settings, read lazily from Django settings on every access.
+
+Nothing is cached at import time, so ``override_settings`` works in tests and a
+host site may set these anywhere in its settings module. Every name is
+prefixed ``OPENROUTER_PROXY_``; ``checks.py`` validates them at start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULT_ALLOWED_MODELS = (
+    "x-ai/grok-code-fast-1",
+    "qwen/qwen3-coder*",
+    "moonshotai/kimi-k2*",
+    "z-ai/glm-4.6*",
+)
+DEFAULT_CORS_ALLOW_HEADERS = "authorization, content-type, x-daemon-token"
+
+
+class ProxySettings:
+    def _get(self, name: str, default: Any) -> Any:
+        return getattr(settings, f"OPENROUTER_PROXY_{name}", default)
+
+    @property
+    def API_KEY(self) -> str:
+        """The server's OpenRouter key; empty means "not configured" (503)."""
+        return str(self._get("API_KEY", "") or "")
+
+    @property
+    def BASE_URL(self) -> str:
+        return str(self._get("BASE_URL", "https://openrouter.ai/api")).rstrip("/")
+
+    @property
+    def KEY_VERIFIER(self) -> str:
+        return str(self._get("KEY_VERIFIER", "terragon.apikeys.verifier.verify_api_key"))
+
+    @property
+    def ALLOWED_MODELS(self) -> tuple[str, ...]:
+        """Glob patterns of model ids that may be requested; ``("*",)`` allows all."""
+        return tuple(self._get("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS))
+
+    @property
+    def MAX_BODY_BYTES(self) -> int:
+        return int(self._get("MAX_BODY_BYTES", 32 * 1024 * 1024))
+
+    @property
+    def CONNECT_TIMEOUT(self) -> float:
+        return float(self._get("CONNECT_TIMEOUT", 10.0))
+
+    @property
+    def READ_TIMEOUT(self) -> float:
+        """Longest wait for response headers and between two chunks of a body.
+
+        Reasoning models can think for minutes before the first token, so the
+        default is generous.
+        """
+        return float(self._get("READ_TIMEOUT", 300.0))
+
+    @property
+    def WRITE_TIMEOUT(self) -> float:
+        return float(self._get("WRITE_TIMEOUT", 60.0))
+
+    @property
+    def POOL_TIMEOUT(self) -> float:
+        return float(self._get("POOL_TIMEOUT", 10.0))
+
+    @property
+    def MAX_CONNECTIONS(self) -> int:
+        return int(self._get("MAX_CONNECTIONS", 1000))
+
+    @property
+    def CORS_MAX_AGE(self) -> int:
+        return int(self._get("CORS_MAX_AGE", 86400))
+
+    @property
+    def APP_URL(self) -> str:
+        """Sent as ``HTTP-Referer`` for OpenRouter's app attribution, when set."""
+        return str(self._get("APP_URL", "") or "")
+
+    @property
+    def APP_TITLE(self) -> str:
+        """Sent as ``X-OpenRouter-Title`` for OpenRouter's app attribution, when set."""
+        return str(self._get("APP_TITLE", "") or "")
+
+    @property
+    def SETTLE_DELAYS(self) -> tuple[float, ...]:
+        """Pauses before each in-process attempt to settle a pending record.
+
+        The generation endpoint answers 404 for a few seconds after a
+        generation ends; what is still pending afterwards is left to
+        ``manage.py reconcile_usage``.
+        """
+        return tuple(float(d) for d in self._get("SETTLE_DELAYS", (1, 2, 4, 8, 15, 30)))
+
+    @property
+    def SHUTDOWN_GRACE(self) -> float:
+        """Seconds a stopping worker waits for its settlement tasks."""
+        return float(self._get("SHUTDOWN_GRACE", 10.0))
+
+
+proxy_settings = ProxySettings()

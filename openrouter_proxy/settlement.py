@@ -1,0 +1,163 @@
+"""Settling records whose cost the response did not carry.
+
+When a client goes away mid-stream the proxy closes the upstream request at
+once (nobody should pay for tokens nobody reads), so the final usage chunk
+never arrives. OpenRouter still knows what the generation cost: its
+``/v1/generation?id=`` endpoint answers with ``total_cost`` once the
+generation is indexed (404 for a few seconds before). The proxy asks it in a
+background task with growing pauses; whatever is still pending after that is
+settled by ``manage.py reconcile_usage``.
+
+Background tasks are tracked so a stopping worker can wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from billing.models import CostSource, UsageRecord
+from billing.services import settle_pending
+from openrouter_proxy.conf import proxy_settings
+from openrouter_proxy.db import run_db
+from openrouter_proxy.upstream import get_client
+
+logger = logging.getLogger(__name__)
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def run_in_background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """Start a task the worker waits for at shutdown (see :func:`drain`)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task
+
+
+def pending_tasks() -> int:
+    return len(_background)
+
+
+async def drain(grace: float) -> None:
+    """Wait up to ``grace`` seconds for background tasks of this loop."""
+    loop = asyncio.get_running_loop()
+    mine = [task for task in _background if task.get_loop() is loop]
+    if not mine:
+        return
+    _, still_running = await asyncio.wait(mine, timeout=grace)
+    for task in still_running:
+        task.cancel()
+    if still_running:
+        logger.warning(
+            "%d settlement task(s) cut short by shutdown; reconcile_usage will finish them",
+            len(still_running),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationCost:
+    total_cost: Decimal
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    reasoning_tokens: int | None
+    cached_tokens: int | None
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def parse_generation(body: bytes) -> GenerationCost | None:
+    """The cost in a ``/v1/generation`` answer, or None if it has none."""
+    try:
+        payload = json.loads(body, parse_float=Decimal)
+    except ValueError:
+        return None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return None
+    cost = data.get("total_cost")
+    if isinstance(cost, bool) or not isinstance(cost, int | Decimal) or cost < 0:
+        return None
+    return GenerationCost(
+        total_cost=Decimal(cost),
+        prompt_tokens=_count(data.get("native_tokens_prompt", data.get("tokens_prompt"))),
+        completion_tokens=_count(
+            data.get("native_tokens_completion", data.get("tokens_completion"))
+        ),
+        reasoning_tokens=_count(data.get("native_tokens_reasoning")),
+        cached_tokens=_count(data.get("native_tokens_cached")),
+    )
+
+
+def generation_request(generation_id: str) -> tuple[str, dict[str, str], dict[str, str]]:
+    """URL, query parameters and headers of a generation-stats request."""
+    return (
+        f"{proxy_settings.BASE_URL}/v1/generation",
+        {"id": generation_id},
+        {"authorization": f"Bearer {proxy_settings.API_KEY}"},
+    )
+
+
+def apply_generation_cost(record_id: int, stats: GenerationCost) -> bool:
+    """Settle a pending record from generation stats (sync; one transaction)."""
+    return settle_pending(
+        record_id,
+        stats.total_cost,
+        CostSource.GENERATION,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        reasoning_tokens=stats.reasoning_tokens,
+        cached_tokens=stats.cached_tokens,
+    )
+
+
+def _pending_record_id(request_id: uuid.UUID) -> int | None:
+    return (
+        UsageRecord.objects.pending()
+        .filter(request_id=request_id)
+        .values_list("pk", flat=True)
+        .first()
+    )
+
+
+async def fetch_generation_cost(generation_id: str) -> GenerationCost | None:
+    url, params, headers = generation_request(generation_id)
+    response = await get_client().get(url, params=params, headers=headers)
+    if response.status_code != 200:
+        return None
+    return parse_generation(response.content)
+
+
+async def settle_from_generation(request_id: uuid.UUID, generation_id: str) -> bool:
+    """Try, with pauses, to settle one pending record in this process."""
+    for delay in proxy_settings.SETTLE_DELAYS:
+        await asyncio.sleep(delay)
+        try:
+            stats = await fetch_generation_cost(generation_id)
+        except httpx.HTTPError as error:
+            logger.info("generation %s not fetched yet: %s", generation_id, error)
+            continue
+        if stats is None:
+            continue
+        try:
+            record_id = await run_db(_pending_record_id, request_id)
+            if record_id is None:
+                return False
+            return await run_db(apply_generation_cost, record_id, stats)
+        except Exception:
+            logger.exception(
+                "settling generation %s failed; reconcile_usage will retry", generation_id
+            )
+            return False
+    logger.info("generation %s still unpriced in-process; left to reconcile_usage", generation_id)
+    return False

@@ -1,0 +1,467 @@
+"""The proxy view: authenticate, gate, forward, stream back, record.
+
+Async end to end. Per request, before the upstream call: one verifier call
+(one indexed lookup with the default verifier) and, for billed endpoints, one
+conditional ``UPDATE`` that is both the 402 gate and the overspend bound.
+After it: one transaction that writes the usage record, its ledger row and
+the balance. Upstream bytes go to the client as they arrive; a capture object
+reads a copy beside them for usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from django.db import DatabaseError, transaction
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.utils import timezone
+
+from billing.models import Outcome
+from billing.services import Admission, UsageDraft, admit_request, balance_of, release_request
+from billing.spool import record_usage_durably
+from billing.usage import ReportedUsage
+from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token, get_verifier
+from openrouter_proxy.capture import CaptureResult, UsageCapture, capture_for
+from openrouter_proxy.conf import proxy_settings
+from openrouter_proxy.cors import cors_headers, preflight_response
+from openrouter_proxy.db import run_db
+from openrouter_proxy.errors import error_body, error_response
+from openrouter_proxy.routing import (
+    DEFAULT_PATH,
+    UnsafePath,
+    billed_endpoint,
+    build_upstream_url,
+    client_response_headers,
+    upstream_request_headers,
+)
+from openrouter_proxy.settlement import run_in_background, settle_from_generation
+from openrouter_proxy.upstream import get_client
+
+logger = logging.getLogger("openrouter_proxy.requests")
+
+SSE_CONTENT_TYPE = "text/event-stream"
+
+
+ResponseT = TypeVar("ResponseT", HttpResponse, StreamingHttpResponse)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _header_lookup(request: HttpRequest) -> Callable[[str], str | None]:
+    return lambda name: request.headers.get(name)
+
+
+def _scope(request: HttpRequest) -> dict[str, Any] | None:
+    scope = getattr(request, "scope", None)
+    return scope if isinstance(scope, dict) else None
+
+
+def raw_remainder(request: HttpRequest, remainder: str) -> bytes:
+    """The undecoded bytes of the path below the proxy's prefix.
+
+    Checks must see what the client sent (``%2e%2e`` is not ``..`` after
+    Django decoded it; ``%2F`` is not a separator), and the upstream must get
+    it unchanged.
+    """
+    if not remainder:
+        return b""
+    scope = _scope(request)
+    raw = scope.get("raw_path") if scope else None
+    if not raw:
+        return quote(remainder, safe="/!$&'()*+,;=:@~").encode("ascii")
+    prefix = request.path[: len(request.path) - len(remainder)]
+    parts = bytes(raw).split(b"/", prefix.count("/"))
+    return parts[-1] if len(parts) > prefix.count("/") else b""
+
+
+def raw_query(request: HttpRequest) -> bytes:
+    scope = _scope(request)
+    if scope is not None and "query_string" in scope:
+        return bytes(scope["query_string"])
+    return str(request.META.get("QUERY_STRING", "")).encode("latin-1")
+
+
+def request_headers(request: HttpRequest) -> list[tuple[str, str]]:
+    scope = _scope(request)
+    if scope is not None and "headers" in scope:
+        return [
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in scope["headers"]
+        ]
+    return [(name.lower(), value) for name, value in request.headers.items()]
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    declared = request.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    # request.read() bypasses DATA_UPLOAD_MAX_MEMORY_SIZE (2.5 MB by default,
+    # far below what coding agents send); our own limit applies instead.
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        raise BodyTooLarge
+    return body
+
+
+def model_allowed(model: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(model, pattern) for pattern in patterns)
+
+
+@dataclass(slots=True)
+class BodyFacts:
+    model: str = ""
+    stream: bool = False
+
+
+def inspect_body(body: bytes, content_type: str) -> BodyFacts | HttpResponse | None:
+    """Check a billed endpoint's JSON body: model present and allowed.
+
+    Returns facts, an error response, or None for a body that is not JSON
+    (forwarded untouched, as the original route did).
+    """
+    if not body.strip():
+        return None
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        return error_response(400, "The JSON body is nested too deeply.", "invalid_json")
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or "model" not in payload:
+        return error_response(400, "The request body must name a `model`.", "missing_model")
+    model = payload["model"]
+    if not isinstance(model, str) or not model:
+        return error_response(400, "`model` must be a non-empty string.", "invalid_model")
+    if not model_allowed(model, proxy_settings.ALLOWED_MODELS):
+        return error_response(
+            400,
+            f"The model `{model[:200]}` is not available through this gateway.",
+            "model_not_allowed",
+        )
+    return BodyFacts(model=model, stream=payload.get("stream") is True)
+
+
+def _with_cors(response: ResponseT, cors: dict[str, str]) -> ResponseT:
+    for name, value in cors.items():
+        response[name] = value
+    return response
+
+
+@dataclass(slots=True)
+class Exchange:
+    """The state of one billed request, from admission to its usage record."""
+
+    caller: Caller
+    endpoint: str
+    requested_model: str
+    streamed: bool
+    request_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    created_at: Any = field(default_factory=timezone.now)
+    started: float = field(default_factory=time.monotonic)
+    first_byte: float | None = None
+    status: int | None = None
+    header_generation_id: str | None = None
+
+    def draft(self, outcome: str, capture: CaptureResult | None, error: str = "") -> UsageDraft:
+        usage = capture.usage if capture is not None else ReportedUsage()
+        if usage.generation_id is None and self.header_generation_id:
+            usage = replace(usage, generation_id=self.header_generation_id)
+        now = time.monotonic()
+        return UsageDraft(
+            request_id=self.request_id,
+            user_id=self.caller.user_id,
+            api_key_id=self.caller.key_id,
+            api_key_label=self.caller.key_label,
+            endpoint=self.endpoint,
+            streamed=self.streamed,
+            outcome=outcome,
+            usage=usage,
+            requested_model=self.requested_model,
+            http_status=self.status,
+            created_at=self.created_at,
+            upstream_latency_ms=int((now - self.started) * 1000),
+            ttfb_ms=(
+                int((self.first_byte - self.started) * 1000)
+                if self.first_byte is not None
+                else None
+            ),
+            error_message=error,
+        )
+
+
+async def finish_exchange(exchange: Exchange, draft: UsageDraft) -> None:
+    """Record the request's usage (durably), then settle later if needed."""
+    recorded = await run_db(record_usage_durably, draft)
+    usage = draft.usage
+    if logger.isEnabledFor(logging.INFO):
+        fields = {
+            "request": draft.request_id,
+            "user": draft.user_id,
+            "key": draft.api_key_label or "-",
+            "endpoint": draft.endpoint,
+            "model": usage.model or draft.requested_model or "-",
+            "outcome": draft.outcome,
+            "status": draft.http_status,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cost": usage.provider_cost,
+            "latency_ms": draft.upstream_latency_ms,
+            "ttfb_ms": draft.ttfb_ms,
+            "settlement": recorded.settlement if recorded else "spooled",
+        }
+        logger.info("proxied %s", " ".join(f"{name}={value}" for name, value in fields.items()))
+    if recorded is not None and recorded.awaits_cost and usage.generation_id:
+        run_in_background(settle_from_generation(draft.request_id, usage.generation_id))
+
+
+async def record_in_background(exchange: Exchange, draft: UsageDraft) -> None:
+    """Record without being cut short by the caller's cancellation."""
+    task = run_in_background(finish_exchange(exchange, draft))
+    await asyncio.shield(task)
+
+
+def _sse_error_event(message: str, code: str) -> bytes:
+    return b"data: " + error_body(502, message, code) + b"\n\n"
+
+
+async def relay(
+    upstream: httpx.Response,
+    exchange: Exchange | None,
+    capture: UsageCapture | None,
+    is_sse: bool,
+) -> AsyncIterator[bytes]:
+    """Forward the upstream body chunk by chunk; record usage when it ends."""
+    outcome = Outcome.COMPLETED if upstream.status_code < 400 else Outcome.UPSTREAM_ERROR
+    error = ""
+    broken: BaseException | None = None
+    try:
+        async for chunk in upstream.aiter_bytes():
+            if exchange is not None and exchange.first_byte is None:
+                exchange.first_byte = time.monotonic()
+            yield chunk
+            if capture is not None:
+                capture.feed(chunk)
+    except asyncio.CancelledError:
+        outcome = Outcome.CLIENT_DISCONNECTED
+        raise
+    except (httpx.HTTPError, httpx.StreamError) as failure:
+        outcome = Outcome.UPSTREAM_ERROR
+        error = f"upstream stream failed: {type(failure).__name__}"
+        broken = failure
+    finally:
+        await upstream.aclose()
+        if exchange is not None:
+            result = capture.result() if capture is not None else None
+            if result is not None and result.error and outcome == Outcome.COMPLETED:
+                outcome = Outcome.UPSTREAM_ERROR
+            await record_in_background(exchange, exchange.draft(outcome, result, error))
+    if broken is not None:
+        if is_sse:
+            # A clean end the SDKs understand: they raise on an error event.
+            yield _sse_error_event("The upstream stream was interrupted.", "upstream_stream_error")
+        else:
+            # A JSON body cut short must not look complete: abort the response.
+            raise broken
+
+
+@transaction.non_atomic_requests
+async def proxy(
+    request: HttpRequest, upstream_path: str = ""
+) -> HttpResponse | StreamingHttpResponse:
+    cors = cors_headers(request.headers.get("Origin"))
+    if request.method == "OPTIONS":
+        return preflight_response(request)
+
+    def fail(status: int, message: str, code: str, **kwargs: Any) -> HttpResponse:
+        return error_response(status, message, code, headers=cors, **kwargs)
+
+    try:
+        path = raw_remainder(request, upstream_path)
+        url = build_upstream_url(proxy_settings.BASE_URL, path, raw_query(request))
+    except UnsafePath as unsafe:
+        return fail(400, f"This path cannot be proxied ({unsafe}).", "invalid_path")
+
+    token = extract_token(_header_lookup(request))
+    if token is None:
+        return fail(
+            401,
+            "Missing API key: send it as `X-Daemon-Token` or `Authorization: Bearer`.",
+            "missing_api_key",
+        )
+    api_key = proxy_settings.API_KEY
+    if not api_key:
+        return fail(503, "The gateway has no OpenRouter API key configured.", "not_configured")
+
+    try:
+        caller = await get_verifier()(token)
+    except ApiKeyRejected as rejected:
+        return fail(401, str(rejected), "invalid_api_key")
+    except DatabaseError:
+        logger.exception("key verification failed: database unavailable")
+        return fail(503, "The gateway's database is unavailable; try again shortly.", "db_down")
+    if caller is None:
+        return fail(401, "Invalid API key.", "invalid_api_key")
+
+    try:
+        body = await read_body(request, proxy_settings.MAX_BODY_BYTES)
+    except BodyTooLarge:
+        return fail(
+            413,
+            f"The request body is larger than {proxy_settings.MAX_BODY_BYTES} bytes.",
+            "body_too_large",
+        )
+
+    endpoint = billed_endpoint(path.decode("ascii") or DEFAULT_PATH)
+    facts = BodyFacts()
+    if endpoint is not None and request.method == "POST":
+        inspected = inspect_body(body, request.content_type or "")
+        if isinstance(inspected, HttpResponse):
+            return _with_cors(inspected, cors)
+        if inspected is not None:
+            facts = inspected
+
+    exchange: Exchange | None = None
+    try:
+        if endpoint is not None:
+            admission = await _admit(caller.user_id)
+        else:
+            admission = await run_db(_has_credit, caller.user_id)
+    except DatabaseError:
+        logger.exception("credit check failed: database unavailable")
+        return fail(503, "The gateway's database is unavailable; try again shortly.", "db_down")
+    if admission is Admission.NO_CREDIT:
+        return fail(402, "You have no credit left. Top up to continue.", "insufficient_credits")
+    if admission is Admission.TOO_MANY_IN_FLIGHT:
+        response = fail(
+            429,
+            "Too many requests in flight for this account; retry when one finishes.",
+            "too_many_in_flight",
+        )
+        response["Retry-After"] = "1"
+        return response
+    if endpoint is not None:
+        exchange = Exchange(
+            caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
+        )
+
+    client = get_client()
+    upstream_request = client.build_request(
+        request.method or "GET",
+        url,
+        headers=upstream_request_headers(request_headers(request), api_key, _attribution()),
+        content=body or None,
+    )
+    try:
+        upstream = await client.send(upstream_request, stream=True)
+    except asyncio.CancelledError:
+        if exchange is not None:
+            await record_in_background(
+                exchange,
+                exchange.draft(Outcome.CLIENT_DISCONNECTED, None, "client left before headers"),
+            )
+        raise
+    except httpx.HTTPError as failure:
+        return await _upstream_failure(failure, exchange, fail)
+    except Exception as failure:
+        if exchange is not None:
+            await record_in_background(
+                exchange, exchange.draft(Outcome.UPSTREAM_ERROR, None, repr(failure)[:200])
+            )
+        raise
+
+    if exchange is not None:
+        exchange.status = upstream.status_code
+        exchange.header_generation_id = upstream.headers.get("x-generation-id")
+    content_type = upstream.headers.get("content-type", "")
+    is_sse = content_type.lower().startswith(SSE_CONTENT_TYPE)
+    capture = (
+        capture_for(content_type, upstream.headers.get("x-generation-id"))
+        if exchange is not None
+        else None
+    )
+    streaming = StreamingHttpResponse(
+        relay(upstream, exchange, capture, is_sse), status=upstream.status_code
+    )
+    for name, value in client_response_headers(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in upstream.headers.raw
+    ):
+        streaming[name] = value
+    if is_sse:
+        streaming["Cache-Control"] = "no-cache"
+        streaming["X-Accel-Buffering"] = "no"
+    return _with_cors(streaming, cors)
+
+
+async def _upstream_failure(
+    failure: httpx.HTTPError,
+    exchange: Exchange | None,
+    fail: Callable[..., HttpResponse],
+) -> HttpResponse:
+    if isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout):
+        status, message, code, retry = (
+            502,
+            "OpenRouter is unreachable.",
+            "upstream_unreachable",
+            True,
+        )
+        outcome = Outcome.UPSTREAM_UNREACHABLE
+    elif isinstance(failure, httpx.PoolTimeout):
+        status, message, code, retry = 503, "The gateway is overloaded.", "gateway_busy", True
+        outcome = Outcome.UPSTREAM_UNREACHABLE
+    elif isinstance(failure, httpx.TimeoutException):
+        # The upstream may still be generating, and billing, this request.
+        status, message, code, retry = 504, "OpenRouter did not answer in time.", "timeout", False
+        outcome = Outcome.UPSTREAM_ERROR
+    else:
+        status, message, code, retry = (
+            502,
+            "OpenRouter's answer broke off.",
+            "upstream_error",
+            False,
+        )
+        outcome = Outcome.UPSTREAM_ERROR
+    if exchange is not None:
+        exchange.status = status
+        await record_in_background(
+            exchange, exchange.draft(outcome, None, f"{type(failure).__name__}: {message}")
+        )
+    return fail(status, message, code, retry=retry)
+
+
+def _has_credit(user_id: int) -> Admission:
+    return Admission.ADMITTED if balance_of(user_id) > 0 else Admission.NO_CREDIT
+
+
+async def _admit(user_id: int) -> Admission:
+    """Take a slot; if the caller is cancelled meanwhile, give it back."""
+    admitting = asyncio.ensure_future(run_db(admit_request, user_id))
+    try:
+        return await asyncio.shield(admitting)
+    except asyncio.CancelledError:
+        run_in_background(_release_if_admitted(admitting, user_id))
+        raise
+
+
+async def _release_if_admitted(admitting: asyncio.Future[Admission], user_id: int) -> None:
+    if await admitting is Admission.ADMITTED:
+        await run_db(release_request, user_id)
+
+
+def _attribution() -> dict[str, str]:
+    return {
+        "http-referer": proxy_settings.APP_URL,
+        "x-openrouter-title": proxy_settings.APP_TITLE,
+    }

@@ -1,0 +1,42 @@
+"""``GET /api/internal/daemon-token``: a fresh key for local testing.
+
+Exists only with ``DEBUG`` on (404 otherwise), for a logged-in user (401 JSON
+otherwise), like the original route's development helper.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, JsonResponse
+from django.views.decorators.http import require_GET
+
+from terragon.apikeys.models import ApiKey
+
+DAEMON_TOKEN_LIFETIME = timedelta(days=30)
+
+
+@require_GET
+def daemon_token(request: HttpRequest) -> JsonResponse:
+    if not settings.DEBUG:
+        raise Http404
+    if not request.user.is_authenticated:
+        return JsonResponse(
+            {
+                "error": {
+                    "message": "Log in first (e.g. at /admin/login/).",
+                    "type": "authentication_error",
+                    "code": "login_required",
+                }
+            },
+            status=401,
+        )
+    key, token = ApiKey.objects.issue(
+        request.user,
+        name=f"daemon-token-{secrets.token_hex(4)}",
+        expires_in=DAEMON_TOKEN_LIFETIME,
+    )
+    assert key.expires_at is not None
+    return JsonResponse({"token": token, "expires_at": key.expires_at.isoformat()})

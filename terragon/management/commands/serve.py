@@ -1,0 +1,165 @@
+"""``manage.py serve``: what ``make run`` runs.
+
+Migrates, makes sure a demo user with credit exists, issues a daemon token,
+prints it with an opencode configuration, and serves the site under uvicorn.
+Without ``OPENROUTER_API_KEY`` it starts the fake OpenRouter on loopback and
+points the proxy at it, so everything works offline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandParser
+
+from billing.money import format_usd
+from billing.services import balance_of, grant_credits
+from terragon.apikeys.models import ApiKey
+
+DEMO_USERNAME = "demo"
+DEMO_CREDIT = Decimal(10)
+OPENCODE_MODELS = {
+    "grok-code": {"id": "x-ai/grok-code-fast-1", "name": "Grok Code Fast 1"},
+    "qwen3-coder": {"id": "qwen/qwen3-coder:exacto", "name": "Qwen3 Coder 480B"},
+    "kimi-k2": {"id": "moonshotai/kimi-k2-0905:exacto", "name": "Kimi K2"},
+    "glm-4.6": {"id": "z-ai/glm-4.6:exacto", "name": "GLM 4.6"},
+}
+
+
+def opencode_config(base_url: str) -> dict[str, Any]:
+    return {
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {
+            "terry": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "Terragon",
+                "options": {
+                    "baseURL": base_url,
+                    "headers": {"X-Daemon-Token": "{env:TERRAGON_TOKEN}"},
+                },
+                "models": OPENCODE_MODELS,
+            }
+        },
+    }
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            if probe.connect_ex((host, port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+class Command(BaseCommand):
+    help = "Set up a demo user and token, then serve the site with uvicorn (make run)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=3000)
+        parser.add_argument("--workers", type=int, default=1)
+        parser.add_argument("--fake-port", type=int, default=3999)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        token = self.prepare_demo_user()
+        env = dict(os.environ)
+        children: list[subprocess.Popen[bytes]] = []
+        if not env.get("OPENROUTER_API_KEY"):
+            fake_port = options["fake_port"]
+            children.append(
+                subprocess.Popen(  # noqa: S603  (our own interpreter and module)
+                    [
+                        sys.executable,
+                        "manage.py",
+                        "fake_openrouter",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(fake_port),
+                    ]
+                )
+            )
+            if not wait_for_port("127.0.0.1", fake_port, 15):
+                self.stderr.write("The fake OpenRouter did not start.")
+                children[0].terminate()
+                sys.exit(1)
+            env["OPENROUTER_API_KEY"] = "sk-or-fake-offline"
+            env["OPENROUTER_BASE_URL"] = f"http://127.0.0.1:{fake_port}/api"
+            banner = "!" * 78
+            self.stdout.write(
+                self.style.WARNING(
+                    f"\n{banner}\n  NO OPENROUTER_API_KEY SET: serving against the FAKE "
+                    f"OpenRouter at {env['OPENROUTER_BASE_URL']}\n  Answers are canned. Set "
+                    f"OPENROUTER_API_KEY to use the real one.\n{banner}\n"
+                )
+            )
+        public = f"http://localhost:{options['port']}"
+        self.stdout.write(f"\nDaemon token for user {DEMO_USERNAME!r}:\n\n  {token}\n")
+        self.stdout.write("opencode: put this in ~/.config/opencode/opencode.json\n")
+        config = opencode_config(f"{public}/api/proxy/openrouter/v1")
+        self.stdout.write(json.dumps(config, indent=2))
+        self.stdout.write(
+            f"\nthen: TERRAGON_TOKEN={token} opencode run --model terry/grok-code "
+            '--format json "Hi, how are you?"\n'
+        )
+        self.stdout.write(
+            f"Admin: {public}/admin/ (user {DEMO_USERNAME}, password {DEMO_USERNAME})\n"
+        )
+        self.stdout.flush()
+        server = subprocess.Popen(  # noqa: S603  (our own interpreter and module)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "terragon.asgi:application",
+                "--host",
+                options["host"],
+                "--port",
+                str(options["port"]),
+                "--workers",
+                str(options["workers"]),
+            ],
+            env=env,
+        )
+        children.append(server)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.send_signal(signal.SIGINT)
+                    try:
+                        child.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+
+    def prepare_demo_user(self) -> str:
+        user_model = get_user_model()
+        user, created = user_model.objects.get_or_create(
+            username=DEMO_USERNAME, defaults={"is_staff": True, "is_superuser": True}
+        )
+        if created:
+            user.set_password(DEMO_USERNAME)
+            user.save()
+        if balance_of(user) < 1:
+            grant_credits(user, DEMO_CREDIT - balance_of(user), note="demo credit for make run")
+        self.stdout.write(f"Demo user {DEMO_USERNAME!r} has ${format_usd(balance_of(user))}.")
+        _, token = ApiKey.objects.issue(user, name="make-run", expires_in=timedelta(days=30))
+        return token

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from billing.services import grant_credits
+from openrouter_proxy.testing.fake_openrouter import (
+    FakeOpenRouter,
+    RunningFake,
+    run_fake_openrouter,
+)
+from terragon.apikeys.models import ApiKey
+from tests.servers import serve_in_thread
+
+SERVER_KEY = "sk-or-test-server-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(settings: Any, tmp_path: Any) -> None:
+    settings.OPENROUTER_PROXY_API_KEY = SERVER_KEY
+    settings.BILLING_SPOOL_DIR = tmp_path / "spool"
+    settings.OPENROUTER_PROXY_SETTLE_DELAYS = (0.3, 0.3, 0.5, 1, 1)
+    settings.BILLING_RECORD_RETRY_DELAY = 0.01
+
+
+@dataclass
+class Account:
+    user: Any
+    token: str
+    key: ApiKey
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Daemon-Token": self.token}
+
+
+def make_account(username: str = "alice", credit: Decimal | str | None = "10") -> Account:
+    user = get_user_model().objects.create_user(username=username, email=f"{username}@example.com")
+    if credit is not None and Decimal(credit) != 0:
+        grant_credits(user, Decimal(credit), note="test credit")
+    key, token = ApiKey.objects.issue(user, name="test")
+    return Account(user=user, token=token, key=key)
+
+
+@pytest.fixture
+def account(db: None) -> Account:
+    return make_account()
+
+
+@pytest.fixture
+def fake() -> Iterator[RunningFake]:
+    with run_fake_openrouter(FakeOpenRouter(generation_delay=0.2, api_key=SERVER_KEY)) as running:
+        yield running
+
+
+@dataclass
+class Gateway:
+    url: str
+    fake: RunningFake
+
+    @property
+    def proxy(self) -> str:
+        return f"{self.url}/api/proxy/openrouter"
+
+
+@pytest.fixture
+def gateway(transactional_db: None, fake: RunningFake, settings: Any) -> Iterator[Gateway]:
+    """The whole site under a real uvicorn server, proxying to the fake OpenRouter."""
+    settings.OPENROUTER_PROXY_BASE_URL = fake.base_url
+    from terragon.asgi import application
+
+    with serve_in_thread(application) as url:
+        yield Gateway(url=url, fake=fake)
+
+
+@pytest.fixture
+def live_account(transactional_db: None) -> Account:
+    return make_account()
