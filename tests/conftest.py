@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,6 +19,9 @@ from terragon.apikeys.models import ApiKey
 from tests.servers import serve_in_thread
 
 SERVER_KEY = "sk-or-test-server-key-0123456789"
+
+# One line per test client request would drown the output of a failing test.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @pytest.fixture(autouse=True)

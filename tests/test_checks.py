@@ -1,0 +1,58 @@
+"""One test per system check id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from billing.checks import check_billing_settings
+from openrouter_proxy.checks import check_proxy_settings
+
+
+def ids(messages: list[Any]) -> list[str]:
+    return [message.id for message in messages]
+
+
+def test_defaults_are_clean(settings: Any) -> None:
+    assert check_proxy_settings() == []
+    assert check_billing_settings() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "check_id"),
+    [
+        ("OPENROUTER_PROXY_BASE_URL", "ftp://openrouter.ai/api", "openrouter_proxy.E001"),
+        ("OPENROUTER_PROXY_BASE_URL", "https://openrouter.ai/api?x=1", "openrouter_proxy.E001"),
+        ("OPENROUTER_PROXY_KEY_VERIFIER", "no.such.module.verify", "openrouter_proxy.E002"),
+        (
+            "OPENROUTER_PROXY_KEY_VERIFIER",
+            "openrouter_proxy.conf.DEFAULT_CORS_ALLOW_HEADERS",
+            "openrouter_proxy.E002",
+        ),
+        ("OPENROUTER_PROXY_ALLOWED_MODELS", [], "openrouter_proxy.E003"),
+        ("OPENROUTER_PROXY_ALLOWED_MODELS", ["x-ai/*", ""], "openrouter_proxy.E003"),
+        ("OPENROUTER_PROXY_READ_TIMEOUT", 0, "openrouter_proxy.E004"),
+        ("OPENROUTER_PROXY_MAX_BODY_BYTES", -1, "openrouter_proxy.E004"),
+        ("OPENROUTER_PROXY_CONNECT_TIMEOUT", "soon", "openrouter_proxy.E004"),
+        ("OPENROUTER_PROXY_API_KEY", "", "openrouter_proxy.W001"),
+    ],
+)
+def test_proxy_checks(settings: Any, name: str, value: Any, check_id: str) -> None:
+    setattr(settings, name, value)
+    assert check_id in ids(check_proxy_settings())
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "check_id"),
+    [
+        ("BILLING_MARKUP", "-1", "billing.E001"),
+        ("BILLING_MARKUP", "lots", "billing.E001"),
+        ("BILLING_MAX_IN_FLIGHT", 0, "billing.E002"),
+        ("BILLING_IN_FLIGHT_LEASE", "x", "billing.E002"),
+        ("BILLING_CREDITS_LOW_THRESHOLD", "low", "billing.E003"),
+    ],
+)
+def test_billing_checks(settings: Any, name: str, value: Any, check_id: str) -> None:
+    setattr(settings, name, value)
+    assert check_id in ids(check_billing_settings())
