@@ -68,6 +68,11 @@ def _scope(request: HttpRequest) -> dict[str, Any] | None:
     return scope if isinstance(scope, dict) else None
 
 
+def _as_bytes(value: bytes | str) -> bytes:
+    # Servers send bytes; some test clients put text in the scope.
+    return value.encode("latin-1") if isinstance(value, str) else bytes(value)
+
+
 def raw_remainder(request: HttpRequest, remainder: str) -> bytes:
     """The undecoded bytes of the path below the proxy's prefix.
 
@@ -82,14 +87,14 @@ def raw_remainder(request: HttpRequest, remainder: str) -> bytes:
     if not raw:
         return quote(remainder, safe="/!$&'()*+,;=:@~").encode("ascii")
     prefix = request.path[: len(request.path) - len(remainder)]
-    parts = bytes(raw).split(b"/", prefix.count("/"))
+    parts = _as_bytes(raw).split(b"/", prefix.count("/"))
     return parts[-1] if len(parts) > prefix.count("/") else b""
 
 
 def raw_query(request: HttpRequest) -> bytes:
     scope = _scope(request)
     if scope is not None and "query_string" in scope:
-        return bytes(scope["query_string"])
+        return _as_bytes(scope["query_string"])
     return str(request.META.get("QUERY_STRING", "")).encode("latin-1")
 
 

@@ -33,9 +33,8 @@ def post(
     all_headers = dict(account.headers if account else {})
     all_headers.update(headers or {})
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(
-        f"{gateway.proxy}{path}", content=content, headers=all_headers, timeout=10, **kwargs
-    )
+    kwargs.setdefault("timeout", 10)
+    return httpx.post(f"{gateway.proxy}{path}", content=content, headers=all_headers, **kwargs)
 
 
 def decimal_json(response: httpx.Response) -> Any:
@@ -669,3 +668,65 @@ def test_openai_sdk_raises_on_402(gateway: Gateway, transactional_db: None) -> N
     with pytest.raises(APIStatusError) as error:
         client.chat.completions.create(model="x-ai/grok-code-fast-1", messages=[])
     assert error.value.status_code == 402
+
+
+def test_client_gone_before_upstream_headers_is_recorded_and_frees_its_slot(
+    gateway: Gateway, live_account: Account
+) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        post(
+            gateway,
+            live_account,
+            STREAM_CHAT,
+            headers={"X-Fake-Mode": "first-byte-delay=3"},
+            timeout=httpx.Timeout(10, read=0.5),
+        )
+    assert wait_until(lambda: UsageRecord.objects.exists(), timeout=5)
+    record = UsageRecord.objects.get()
+    assert record.outcome == Outcome.CLIENT_DISCONNECTED
+    assert record.settlement == Settlement.UNPRICED  # nothing known: visible to operators
+    assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
+
+
+def broken_verifier(token: str) -> None:
+    from django.db import OperationalError
+
+    raise OperationalError("could not connect to server: Connection refused")
+
+
+def test_database_down_during_auth_is_503_json(
+    gateway: Gateway, live_account: Account, settings: Any
+) -> None:
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = "tests.test_proxy.broken_verifier"
+    response = post(gateway, live_account)
+    assert_openai_error(response, 503, "db_down")
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert len(gateway.fake.app.requests) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_view_works_through_the_full_site_stack(
+    async_client: Any, fake: Any, settings: Any
+) -> None:
+    """Without the ASGI fast path: every site middleware on the way, still correct."""
+    from asgiref.sync import sync_to_async
+
+    settings.OPENROUTER_PROXY_BASE_URL = fake.base_url
+    account = await sync_to_async(make_account)()
+    preflight = await async_client.options("/api/proxy/openrouter/v1/chat/completions")
+    assert preflight.status_code == 204
+    missing = await async_client.post(
+        "/api/proxy/openrouter", CHAT, content_type="application/json"
+    )
+    assert missing.status_code == 401
+    response = await async_client.post(
+        "/api/proxy/openrouter/v1/chat/completions",
+        STREAM_CHAT,
+        content_type="application/json",
+        headers=account.headers,
+    )
+    assert response.status_code == 200
+    body = b"".join([chunk async for chunk in response.streaming_content])
+    assert body.rstrip().endswith(b"data: [DONE]")
+    record = await UsageRecord.objects.aget()
+    assert record.billed == sse_events(body.decode())[-1]["usage"]["cost"]

@@ -19,6 +19,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandParser
@@ -67,6 +68,8 @@ def wait_for_port(host: str, port: int, timeout: float) -> bool:
 
 class Command(BaseCommand):
     help = "Set up a demo user and token, then serve the site with uvicorn (make run)."
+    # Checked below, once the upstream (real or fake) is known.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
@@ -75,8 +78,6 @@ class Command(BaseCommand):
         parser.add_argument("--fake-port", type=int, default=3999)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        call_command("migrate", interactive=False, verbosity=0)
-        token = self.prepare_demo_user()
         env = dict(os.environ)
         children: list[subprocess.Popen[bytes]] = []
         if not env.get("OPENROUTER_API_KEY"):
@@ -100,6 +101,8 @@ class Command(BaseCommand):
                 sys.exit(1)
             env["OPENROUTER_API_KEY"] = "sk-or-fake-offline"
             env["OPENROUTER_BASE_URL"] = f"http://127.0.0.1:{fake_port}/api"
+            settings.OPENROUTER_PROXY_API_KEY = env["OPENROUTER_API_KEY"]
+            settings.OPENROUTER_PROXY_BASE_URL = env["OPENROUTER_BASE_URL"]
             banner = "!" * 78
             self.stdout.write(
                 self.style.WARNING(
@@ -108,6 +111,9 @@ class Command(BaseCommand):
                     f"OPENROUTER_API_KEY to use the real one.\n{banner}\n"
                 )
             )
+        call_command("check")
+        call_command("migrate", interactive=False, verbosity=0)
+        token = self.prepare_demo_user()
         public = f"http://localhost:{options['port']}"
         self.stdout.write(f"\nDaemon token for user {DEMO_USERNAME!r}:\n\n  {token}\n")
         self.stdout.write("opencode: put this in ~/.config/opencode/opencode.json\n")
@@ -137,6 +143,8 @@ class Command(BaseCommand):
             env=env,
         )
         children.append(server)
+        # Stopped by a signal, stop the children too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             server.wait()
         except KeyboardInterrupt:
