@@ -24,6 +24,7 @@ from typing import Any
 from django.core.handlers.asgi import ASGIHandler
 from django.core.handlers.exception import convert_exception_to_response
 
+from openrouter_proxy import observability
 from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
@@ -97,6 +98,7 @@ def with_proxy_fast_path(site: ASGIApp, prefix: str) -> ASGIApp:
         if scope["type"] == "http" and (path == prefix or path.startswith(prefix + "/")):
             refusal = early_refusal(scope)
             if refusal is not None:
+                observability.request_refused(refusal[0], refusal[2])
                 await _send_error(send, *refusal, _headers(scope).get("origin"))
                 return
             await proxy_app(scope, receive, send)

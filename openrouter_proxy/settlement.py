@@ -26,6 +26,7 @@ import httpx
 
 from billing.models import CostSource, UsageRecord
 from billing.services import settle_pending
+from openrouter_proxy import observability
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.db import run_db
 from openrouter_proxy.upstream import get_client
@@ -153,7 +154,9 @@ async def settle_from_generation(request_id: uuid.UUID, generation_id: str) -> b
             record_id = await run_db(_pending_record_id, request_id)
             if record_id is None:
                 return False
-            return await run_db(apply_generation_cost, record_id, stats)
+            settled = await run_db(apply_generation_cost, record_id, stats)
+            observability.pending_settled(settled)
+            return settled
         except Exception:
             logger.exception(
                 "settling generation %s failed; reconcile_usage will retry", generation_id

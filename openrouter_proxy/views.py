@@ -30,6 +30,7 @@ from billing.models import Outcome
 from billing.services import Admission, UsageDraft, admit_request, balance_of, release_request
 from billing.spool import record_usage_durably
 from billing.usage import ReportedUsage
+from openrouter_proxy import observability
 from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token, get_verifier
 from openrouter_proxy.capture import CaptureResult, UsageCapture, capture_for
 from openrouter_proxy.conf import proxy_settings
@@ -209,6 +210,7 @@ class Exchange:
 async def finish_exchange(exchange: Exchange, draft: UsageDraft) -> None:
     """Record the request's usage (durably), then settle later if needed."""
     recorded = await run_db(record_usage_durably, draft)
+    observability.billed_request_finished(draft, recorded)
     usage = draft.usage
     if logger.isEnabledFor(logging.INFO):
         fields = {
@@ -290,6 +292,7 @@ async def proxy(
         return preflight_response(request)
 
     def fail(status: int, message: str, code: str, **kwargs: Any) -> HttpResponse:
+        observability.request_refused(status, code)
         return error_response(status, message, code, headers=cors, **kwargs)
 
     try:
@@ -333,6 +336,7 @@ async def proxy(
     if endpoint is not None and request.method == "POST":
         inspected = inspect_body(body, request.content_type or "")
         if isinstance(inspected, HttpResponse):
+            observability.request_refused(inspected.status_code, "invalid_body")
             return _with_cors(inspected, cors)
         if inspected is not None:
             facts = inspected
@@ -360,6 +364,7 @@ async def proxy(
         exchange = Exchange(
             caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
         )
+        observability.billed_request_started()
 
     client = get_client()
     upstream_request = client.build_request(
