@@ -5,10 +5,19 @@ sync-only: under ASGI each one costs the proxy a hop to a thread and back on
 every request, and none of it is useful to an API authenticated by key. So
 requests under the proxy's prefix go to a second Django handler whose
 middleware chain is empty; everything else goes to the site's handler
-unchanged. This layer also refuses, before a byte of the body is read, a
-request with no API key or with a declared body over the limit, and runs the
-lifespan protocol: at shutdown it waits for settlement tasks and closes the
-upstream client.
+unchanged.
+
+That handler also skips what Django's own does around each request with
+threads: a fresh thread context per request, and the ``request_started`` /
+``request_finished`` signals, whose receivers are synchronous (their job,
+closing stale database connections, is done by ``openrouter_proxy.db`` for
+the proxy's own threads). Host-site receivers of those signals do not see
+proxied requests.
+
+This layer refuses, before a byte of the body is read, a request with no API
+key or with a declared body over the limit, stops reading a body that grows
+past the limit, and runs the lifespan protocol: at shutdown it waits for
+settlement tasks, closes the upstream client and the database threads.
 
 Use it in the site's ``asgi.py``::
 
@@ -17,14 +26,21 @@ Use it in the site's ``asgi.py``::
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
-from django.core.handlers.asgi import ASGIHandler
+from django.conf import settings
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest
+from django.urls import set_script_prefix
 
-from openrouter_proxy import observability
+from openrouter_proxy import db, observability
 from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
@@ -40,8 +56,12 @@ Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
 class ProxyHandler(ASGIHandler):
-    """Django's ASGI handler with no middleware at all."""
+    """Django's ASGI handler with no middleware, no request signals, a body limit."""
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []
@@ -50,6 +70,75 @@ class ProxyHandler(ASGIHandler):
         self._middleware_chain = convert_exception_to_response(
             self._get_response_async  # type: ignore[attr-defined]
         )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handle(scope, receive, send)
+
+    async def read_body(self, receive: Receive) -> Any:
+        limit = proxy_settings.MAX_BODY_BYTES
+        body = tempfile.SpooledTemporaryFile(  # noqa: SIM115  (closed by handle)
+            max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b"
+        )
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                body.close()
+                raise RequestAborted
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                body.close()
+                raise BodyTooLarge
+            body.write(chunk)
+            if not message.get("more_body", False):
+                break
+        body.seek(0)
+        return body
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self.read_body(receive)
+        except RequestAborted:
+            return
+        except BodyTooLarge:
+            limit = proxy_settings.MAX_BODY_BYTES
+            await _send_error(
+                send,
+                413,
+                f"The request body is larger than {limit} bytes.",
+                "body_too_large",
+                _headers(scope).get("origin"),
+            )
+            return
+        try:
+            set_script_prefix(get_script_prefix(scope))
+            request, error_response = self.create_request(scope, body)
+            if request is None:
+                assert error_response is not None
+                await self.send_response(error_response, send)
+                return
+            responding = asyncio.create_task(self._respond(request, send))
+            watching = asyncio.create_task(self.listen_for_disconnect(receive))
+            await asyncio.wait([responding, watching], return_when=asyncio.FIRST_COMPLETED)
+            if not responding.done():
+                # The client went away: the view (or its stream) sees CancelledError.
+                responding.cancel()
+                with suppress(asyncio.CancelledError):
+                    await responding
+            watching.cancel()
+            with suppress(asyncio.CancelledError, RequestAborted):
+                await watching
+            if not responding.cancelled():
+                responding.result()
+        finally:
+            body.close()
+
+    async def _respond(self, request: HttpRequest, send: Send) -> None:
+        response = await self.get_response_async(request)
+        response._handler_class = self.__class__  # type: ignore[attr-defined]
+        with suppress(asyncio.CancelledError):
+            await self.send_response(response, send)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -117,6 +206,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             try:
                 await drain(proxy_settings.SHUTDOWN_GRACE)
                 await close_clients()
+                await asyncio.get_running_loop().run_in_executor(None, db.shutdown)
             except Exception:
                 logger.exception("error while shutting the proxy down")
             await send({"type": "lifespan.shutdown.complete"})

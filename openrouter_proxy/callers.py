@@ -10,7 +10,10 @@ a coroutine function (awaited directly).
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +56,74 @@ def get_verifier() -> Callable[[str], Awaitable[Caller | None]]:
     from openrouter_proxy.conf import proxy_settings
 
     return _load_verifier(proxy_settings.KEY_VERIFIER)
+
+
+class VerificationCache:
+    """What a worker recently learnt about tokens, for a few seconds.
+
+    Keys are SHA-256 digests of the tokens (the tokens themselves are not
+    kept); entries are answers (a Caller, or a refusal with its message) and
+    expire after ``OPENROUTER_PROXY_KEY_CACHE_SECONDS``. Database errors are
+    never cached. The size is bounded; the oldest entries go first.
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[bytes, tuple[float, Caller | str | None]] = OrderedDict()
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+    def get(self, token: str) -> tuple[bool, Caller | str | None]:
+        """(found, answer); a string answer is a refusal message."""
+        key = self._key(token)
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if entry[0] < time.monotonic():
+            del self._entries[key]
+            return False, None
+        return True, entry[1]
+
+    def put(self, token: str, answer: Caller | str | None, seconds: float) -> None:
+        key = self._key(token)
+        self._entries[key] = (time.monotonic() + seconds, answer)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.MAX_ENTRIES:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+verification_cache = VerificationCache()
+
+
+async def verify_token(token: str) -> Caller | None:
+    """The caller a token belongs to, or None; raises :class:`ApiKeyRejected`.
+
+    Answers are remembered briefly (see :class:`VerificationCache`).
+    """
+    from openrouter_proxy.conf import proxy_settings
+
+    seconds = proxy_settings.KEY_CACHE_SECONDS
+    if seconds > 0:
+        found, answer = verification_cache.get(token)
+        if found:
+            if isinstance(answer, str):
+                raise ApiKeyRejected(answer)
+            return answer
+    try:
+        caller = await get_verifier()(token)
+    except ApiKeyRejected as rejected:
+        if seconds > 0:
+            verification_cache.put(token, str(rejected), seconds)
+        raise
+    if seconds > 0:
+        verification_cache.put(token, caller, seconds)
+    return caller
 
 
 def extract_token(headers: Callable[[str], str | None]) -> str | None:

@@ -96,6 +96,20 @@ class ProxySettings:
         return tuple(float(d) for d in self._get("SETTLE_DELAYS", (1, 2, 4, 8, 15, 30)))
 
     @property
+    def DB_THREADS(self) -> int:
+        """Threads (each keeping one database connection) for the proxy's queries."""
+        return int(self._get("DB_THREADS", 8))
+
+    @property
+    def KEY_CACHE_SECONDS(self) -> float:
+        """How long a worker remembers a verified (or refused) token; 0 disables.
+
+        A revoked or expired key may keep working this long on a worker that
+        verified it just before; in exchange most requests skip the lookup.
+        """
+        return float(self._get("KEY_CACHE_SECONDS", 10.0))
+
+    @property
     def SHUTDOWN_GRACE(self) -> float:
         """Seconds a stopping worker waits for its settlement tasks."""
         return float(self._get("SHUTDOWN_GRACE", 10.0))

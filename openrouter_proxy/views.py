@@ -31,7 +31,7 @@ from billing.services import Admission, UsageDraft, admit_request, balance_of, r
 from billing.spool import record_usage_durably
 from billing.usage import ReportedUsage
 from openrouter_proxy import observability
-from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token, get_verifier
+from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token, verify_token
 from openrouter_proxy.capture import CaptureResult, UsageCapture, capture_for
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers, preflight_response
@@ -313,7 +313,7 @@ async def proxy(
         return fail(503, "The gateway has no OpenRouter API key configured.", "not_configured")
 
     try:
-        caller = await get_verifier()(token)
+        caller = await verify_token(token)
     except ApiKeyRejected as rejected:
         return fail(401, str(rejected), "invalid_api_key")
     except DatabaseError:

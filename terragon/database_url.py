@@ -9,6 +9,7 @@ thread last touched them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -37,8 +38,10 @@ def parse_database_url(url: str, base_dir: Path) -> dict[str, Any]:
                 "timeout": 20,
                 "init_command": "PRAGMA journal_mode=WAL",
             },
-            # Tests use a file too, so that server threads and processes share it.
-            "TEST": {"NAME": str(path.with_name(f"test_{path.name}"))},
+            # Tests use a file too, so that server threads and processes share
+            # it; one per test process, so that two runs in one checkout do not
+            # drop each other's database.
+            "TEST": {"NAME": str(path.with_name(f"test_{os.getpid()}_{path.name}"))},
         }
     if parts.scheme in POSTGRES_SCHEMES:
         options: dict[str, Any] = dict(parse_qsl(parts.query))

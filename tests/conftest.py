@@ -24,12 +24,23 @@ SERVER_KEY = "sk-or-test-server-key-0123456789"
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_proxy_db_threads(django_db_setup: None) -> Iterator[None]:
+    """The proxy's database threads keep connections: close them before the test DB goes."""
+    yield
+    from openrouter_proxy import db
+
+    db.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_settings(settings: Any, tmp_path: Any) -> None:
     settings.OPENROUTER_PROXY_API_KEY = SERVER_KEY
     settings.BILLING_SPOOL_DIR = tmp_path / "spool"
     settings.OPENROUTER_PROXY_SETTLE_DELAYS = (0.3, 0.3, 0.5, 1, 1)
     settings.BILLING_RECORD_RETRY_DELAY = 0.01
+    # Tests revoke and expire keys and expect the next request to see it.
+    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0
 
 
 @dataclass
