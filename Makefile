@@ -41,3 +41,11 @@ fake: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .hypothesis
+
+# A million usage records in a scratch database, to look at the admin at scale:
+#   DATABASE_URL=postgres://.../scratch make seed-usage
+.PHONY: seed-usage
+seed-usage: $(STAMP)
+	$(BIN)/python manage.py migrate --no-input
+	$(BIN)/python manage.py seed_usage --records $${RECORDS:-1000000} --users $${USERS:-200}
+	$(BIN)/python manage.py check_ledger

@@ -15,6 +15,13 @@ from typing import Any
 from django.db.models import Q, QuerySet
 from django.utils.dateparse import parse_datetime
 from django.utils.timezone import is_naive, make_aware
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import exceptions, serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import PageNumberPagination
@@ -43,6 +50,9 @@ def openai_style_exception_handler(exc: Exception, context: dict[str, Any]) -> R
     return response
 
 
+@extend_schema_field(
+    {"type": "string", "pattern": r"^-?[0-9]+\.[0-9]{2,12}$", "example": "9.9999805"}
+)
 class MoneyString(serializers.Field):  # type: ignore[type-arg]
     """A dollar amount as a decimal string, never a float."""
 
@@ -86,7 +96,7 @@ class LedgerEntrySerializer(serializers.ModelSerializer):  # type: ignore[type-a
     amount = MoneyString()
     created = serializers.DateTimeField(source="created_at")
     usage_record: serializers.PrimaryKeyRelatedField[UsageRecord] = (
-        serializers.PrimaryKeyRelatedField(read_only=True)
+        serializers.PrimaryKeyRelatedField(read_only=True, allow_null=True)
     )
 
     class Meta:
@@ -115,12 +125,52 @@ def _moment(request: Request, name: str) -> datetime | None:
     return make_aware(moment) if is_naive(moment) else moment
 
 
+# --- OpenAPI descriptions (drf-spectacular) -------------------------------------------
+
+ERROR = inline_serializer(
+    "Error",
+    {
+        "error": inline_serializer(
+            "ErrorDetail",
+            {
+                "message": serializers.CharField(),
+                "type": serializers.CharField(),
+                "code": serializers.CharField(),
+            },
+        )
+    },
+)
+ERRORS = {400: ERROR, 401: ERROR, 403: ERROR, 404: ERROR}
+TIME_RANGE = [
+    OpenApiParameter(
+        "since", OpenApiTypes.DATETIME, description="Only rows created at or after (ISO 8601)."
+    ),
+    OpenApiParameter(
+        "until", OpenApiTypes.DATETIME, description="Only rows created before (ISO 8601)."
+    ),
+]
+
+
 class BillingAPIView(APIView):
     def get_exception_handler(self) -> Any:
         return openai_style_exception_handler
 
 
 class BalanceView(BillingAPIView):
+    @extend_schema(
+        summary="The caller's balance",
+        responses={
+            200: inline_serializer(
+                "Balance",
+                {
+                    "balance": MoneyString(),
+                    "currency": serializers.ChoiceField(choices=["USD"]),
+                    "user": serializers.CharField(),
+                },
+            ),
+            **ERRORS,
+        },
+    )
     def get(self, request: Request) -> Response:
         user = request.user
         return Response(
@@ -145,6 +195,14 @@ class _TimeFilteredList(BillingAPIView, ListAPIView):  # type: ignore[type-arg]
         return queryset
 
 
+@extend_schema(
+    summary="The caller's usage records, newest first",
+    parameters=[
+        *TIME_RANGE,
+        OpenApiParameter("model", str, description="Served or requested model id."),
+    ],
+    responses={200: UsageRecordSerializer(many=True), **ERRORS},
+)
 class UsageListView(_TimeFilteredList):
     serializer_class = UsageRecordSerializer
 
@@ -156,6 +214,11 @@ class UsageListView(_TimeFilteredList):
         return self.filter_by_time(queryset)
 
 
+@extend_schema(
+    summary="The caller's ledger rows, newest first",
+    parameters=TIME_RANGE,
+    responses={200: LedgerEntrySerializer(many=True), **ERRORS},
+)
 class LedgerListView(_TimeFilteredList):
     serializer_class = LedgerEntrySerializer
 

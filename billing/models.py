@@ -87,7 +87,11 @@ class CreditLedgerEntry(models.Model):
         ordering = ["-created_at", "-id"]
         verbose_name = "ledger entry"
         verbose_name_plural = "ledger entries"
-        indexes = [models.Index(fields=["user", "-created_at"], name="ledger_user_created")]
+        indexes = [
+            models.Index(fields=["user", "-created_at"], name="ledger_user_created"),
+            # The admin's ledger list, newest first, and its date hierarchy.
+            models.Index(fields=["-created_at", "-id"], name="ledger_created"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} {self.amount} for {self.user}"
@@ -176,6 +180,19 @@ class UsageRecord(models.Model):
                 fields=["settlement", "created_at"],
                 name="usage_needing_attention",
                 condition=~Q(settlement="settled"),
+            ),
+            # Covering indexes (PostgreSQL; plain indexes elsewhere) for the admin's
+            # reports, answered from the index alone: per-user spend on the users'
+            # page, and the last 30 days by day, model and status on the dashboard.
+            models.Index(
+                fields=["user", "created_at"],
+                include=["billed", "outcome", "model"],
+                name="usage_user_activity",
+            ),
+            models.Index(
+                fields=["created_at"],
+                include=["user", "model", "billed", "outcome", "settlement"],
+                name="usage_created_rollup",
             ),
         ]
 

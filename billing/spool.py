@@ -6,7 +6,11 @@ down or unreachable), the draft is written to a file in
 and logged at ERROR level. :func:`replay_spool` writes the drafts to the
 database later; it runs in every worker after a successful recording and in
 ``manage.py reconcile_usage``. Replays are idempotent: ``request_id`` is
-unique, so a draft recorded twice is charged once.
+unique, so a draft recorded twice is charged once. A process runs one replay
+at a time (a worker replays at most ``HOT_PATH_REPLAY_LIMIT`` files after a
+request, and skips the replay if another is running), and a file that cannot
+be read is set aside with an ``.unreadable`` suffix, logged once, for an
+operator.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -81,14 +86,55 @@ def spooled_paths() -> list[Path]:
     return sorted(directory.glob("*-*-*-*-*.json"))
 
 
-def replay_spool() -> int:
-    """Record every spooled draft; returns how many were written or found done."""
+# One replay at a time per process: every request that ends while files are
+# spooled would otherwise start its own pass over the same files.
+_replaying = threading.Lock()
+# How many files a request's own recording replays at most, after which the
+# next request (or ``reconcile_usage``) carries on.
+HOT_PATH_REPLAY_LIMIT = 100
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def _set_aside(path: Path) -> None:
+    """Keep an unreadable file for an operator, out of every later replay."""
+    logger.exception(
+        "unreadable spooled usage %s set aside as %s%s", path, path.name, UNREADABLE_SUFFIX
+    )
+    try:
+        path.replace(path.with_name(path.name + UNREADABLE_SUFFIX))
+    except OSError:
+        logger.exception("could not set %s aside", path)
+
+
+def replay_spool(limit: int | None = None, wait: bool = True) -> int:
+    """Record spooled drafts (at most ``limit``); returns how many were written or found done.
+
+    Without ``wait``, returns 0 at once if this process is already replaying.
+    """
+    if not _replaying.acquire(blocking=wait):
+        return 0
+    try:
+        return _replay(limit)
+    finally:
+        _replaying.release()
+
+
+def _replay(limit: int | None) -> int:
     replayed = 0
     for path in spooled_paths():
+        if limit is not None and replayed >= limit:
+            break
         try:
-            draft = draft_from_json(path.read_text())
-        except (OSError, ValueError, TypeError, KeyError):
-            logger.exception("unreadable spooled usage %s left in place", path)
+            text = path.read_text()
+        except FileNotFoundError:
+            continue  # replayed meanwhile by another process
+        except OSError:
+            _set_aside(path)
+            continue
+        try:
+            draft = draft_from_json(text)
+        except (ValueError, TypeError, KeyError):
+            _set_aside(path)
             continue
         try:
             record_usage(draft)
@@ -130,6 +176,10 @@ def record_usage_durably(draft: UsageDraft) -> Recorded | None:
             time.sleep(billing_settings.RECORD_RETRY_DELAY * attempt)
         else:
             if spooled_paths():
-                replay_spool()
+                # Best effort: this request's own record is written whatever happens here.
+                try:
+                    replay_spool(limit=HOT_PATH_REPLAY_LIMIT, wait=False)
+                except Exception:
+                    logger.exception("replaying the spool failed; reconcile_usage will retry")
             return result
     return None

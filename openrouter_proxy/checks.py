@@ -67,6 +67,13 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
         messages.append(
             Error(f"OPENROUTER_PROXY_{name} must be a positive number.", id="openrouter_proxy.E004")
         )
+    if proxy_settings.TRANSPORT not in {"aiohttp", "httpx"}:
+        messages.append(
+            Error(
+                'OPENROUTER_PROXY_TRANSPORT must be "aiohttp" or "httpx".',
+                id="openrouter_proxy.E005",
+            )
+        )
     if not proxy_settings.API_KEY:
         messages.append(
             Warning(

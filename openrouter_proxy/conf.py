@@ -68,6 +68,11 @@ class ProxySettings:
         return float(self._get("POOL_TIMEOUT", 10.0))
 
     @property
+    def TRANSPORT(self) -> str:
+        """How upstream bytes move: ``"aiohttp"`` (faster) or ``"httpx"`` (httpx's own)."""
+        return str(self._get("TRANSPORT", "aiohttp"))
+
+    @property
     def MAX_CONNECTIONS(self) -> int:
         return int(self._get("MAX_CONNECTIONS", 1000))
 

@@ -151,7 +151,13 @@ def upstream_request_headers(
     forwarded = [
         (name, value)
         for name, value in headers
-        if name not in drop and not name.startswith(("proxy-", "x-forwarded-"))
+        if name not in drop
+        and not name.startswith(("proxy-", "x-forwarded-"))
+        # Servers pass obs-text bytes through (decoded as latin-1), but the
+        # HTTP client only sends ASCII: such a header would fail the request
+        # with a 500. It is dropped instead.
+        and value.isascii()
+        and name.isascii()
     ]
     present = {name for name, _ in forwarded}
     for name, value in (extra or {}).items():

@@ -41,12 +41,18 @@ def _new_client() -> httpx.AsyncClient:
         max_keepalive_connections=min(100, proxy_settings.MAX_CONNECTIONS),
         keepalive_expiry=30,
     )
+    transport: httpx.AsyncBaseTransport | None = None
+    if proxy_settings.TRANSPORT == "aiohttp":
+        from openrouter_proxy.transport import AiohttpTransport
+
+        transport = AiohttpTransport(limits)
     return httpx.AsyncClient(
         timeout=timeout,
         limits=limits,
         cookies=_NoCookies(),
         trust_env=False,
         follow_redirects=False,
+        transport=transport,
     )
 
 

@@ -163,3 +163,43 @@ LOGGING = {
     # httpx logs every upstream request at INFO; the proxy logs its own line.
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }
+
+# --- Operators: metrics, the API schema, the admin's reports ---------------------------------
+
+# prometheus-client's multiprocess mode: uvicorn runs several workers and a scrape must
+# add them all up. prometheus-client reads this variable when it is imported.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "prometheus"))
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
+# Who may read /metrics: these addresses (or networks), or anyone with the bearer token.
+OPENROUTER_PROXY_METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", "127.0.0.1,::1")
+OPENROUTER_PROXY_METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+
+INSTALLED_APPS += ["drf_spectacular"]
+# (The literal above holds only lists, hence the ignore.)
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"  # type: ignore[assignment]
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Terragon gateway: billing API",
+    "DESCRIPTION": (
+        "A caller's balance, usage records and ledger. Authenticate with the same API key "
+        "as the proxy, in `X-Daemon-Token` or `Authorization: Bearer`. Amounts are US "
+        "dollars as decimal strings."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # The key authentication is described once, here, for every operation.
+    "AUTHENTICATION_WHITELIST": [],
+    "APPEND_COMPONENTS": {
+        "securitySchemes": {
+            "daemonToken": {"type": "apiKey", "in": "header", "name": "X-Daemon-Token"},
+            "bearer": {"type": "http", "scheme": "bearer"},
+        }
+    },
+    "SECURITY": [{"daemonToken": []}, {"bearer": []}],
+}
+
+# The billing admin's reports are short queries over many rows; PostgreSQL's planner
+# rates them expensive and would spend longer JIT-compiling them than running them.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["OPTIONS"].setdefault("options", "-c jit=off")

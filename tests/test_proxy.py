@@ -730,5 +730,9 @@ async def test_the_view_works_through_the_full_site_stack(
     assert body.rstrip().endswith(b"data: [DONE]")
     record = await UsageRecord.objects.aget()
     assert record.billed == sse_events(body.decode())[-1]["usage"]["cost"]
-    # The ORM calls above ran on asgiref's sync thread: let go of its connection.
+    # The ORM calls above ran on asgiref's sync thread: let go of its connection;
+    # and this test's event loop ends with the test: close its upstream client.
     await sync_to_async(connections.close_all)()
+    from openrouter_proxy.upstream import close_clients
+
+    await close_clients()

@@ -214,6 +214,10 @@ def answer_chunks(count: int) -> tuple[str, ...]:
     return tuple(pieces)
 
 
+def _padded(pieces: tuple[str, ...], pad: int) -> tuple[str, ...]:
+    return tuple(piece + " " * pad for piece in pieces) if pad else pieces
+
+
 # --------------------------------------------------------------------------- modes
 
 
@@ -225,7 +229,9 @@ class FakeMode:
     ``first-byte-delay=<s>``, ``chunk-delay=<s>``, ``midstream-error``,
     ``midstream-error-usage``, ``cut``, ``no-cost``, ``zero-cost``, ``byok``,
     ``no-usage``, ``exp-cost``, ``usage-on-finish``, ``crlf``, ``gzip``,
-    ``malformed``, ``set-cookie``, ``reasoning=<n>``, ``cached=<n>``.
+    ``malformed``, ``set-cookie``, ``reasoning=<n>``, ``cached=<n>``, ``pad=<n>``
+    (``n`` spaces appended to every content piece: a large response, for
+    back-pressure tests, that costs the same as without).
     """
 
     status: int | None = None
@@ -248,6 +254,7 @@ class FakeMode:
     set_cookie: bool = False
     reasoning: int = 0
     cached: int = 0
+    pad: int = 0
 
 
 _FLAGS = {
@@ -270,6 +277,7 @@ _COUNTS = {
     "keepalive": "keepalive",
     "reasoning": "reasoning",
     "cached": "cached",
+    "pad": "pad",
 }
 _DELAYS = {"first-byte-delay": "first_byte_delay", "chunk-delay": "chunk_delay"}
 
@@ -815,7 +823,7 @@ class FakeOpenRouter:
 
     async def _json(self, job: _Job, send: Send) -> None:
         mode = job.mode
-        pieces = answer_chunks(mode.chunks)
+        pieces = _padded(answer_chunks(mode.chunks), mode.pad)
         padding = ("\r\n" if mode.crlf else "\n") * mode.keepalive
         payload = (padding + job.document(pieces)).encode()
         if mode.gzip:
@@ -843,7 +851,7 @@ class FakeOpenRouter:
 
     async def _stream(self, job: _Job, receive: Receive, send: Send) -> None:
         mode = job.mode
-        pieces = answer_chunks(mode.chunks)
+        pieces = _padded(answer_chunks(mode.chunks), mode.pad)
         events = job.events(pieces)
         compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if mode.gzip else None
         gone = asyncio.Event()
