@@ -213,47 +213,51 @@ def record_usage(draft: UsageDraft) -> Recorded:
     keeps_slot = draft.holds_slot and charge.settlement == Settlement.PENDING
     now = timezone.now()
     settled = charge.settlement == Settlement.SETTLED
+    values = {
+        "request_id": draft.request_id,
+        "user": draft.user_id,
+        "api_key_id": draft.api_key_id,
+        "api_key_label": draft.api_key_label[:40],
+        "requested_model": draft.requested_model[:200],
+        "model": (usage.model or "")[:200],
+        "endpoint": draft.endpoint,
+        "streamed": draft.streamed,
+        "outcome": draft.outcome,
+        "settlement": charge.settlement,
+        "cost_source": charge.cost_source,
+        "http_status": draft.http_status,
+        "generation_id": (usage.generation_id or None),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "provider_cost": charge.provider_cost,
+        "billed": charge.billed,
+        "holds_slot": keeps_slot,
+        "upstream_latency_ms": draft.upstream_latency_ms,
+        "ttfb_ms": draft.ttfb_ms,
+        "error_message": (draft.error_message or usage.error_message or "")[:500],
+        "created_at": draft.created_at,
+        "settled_at": now if settled else None,
+    }
+    release = draft.holds_slot and not keeps_slot
     try:
-        with transaction.atomic():
-            record_id = _insert_returning_pk(
-                UsageRecord,
-                {
-                    "request_id": draft.request_id,
-                    "user": draft.user_id,
-                    "api_key_id": draft.api_key_id,
-                    "api_key_label": draft.api_key_label[:40],
-                    "requested_model": draft.requested_model[:200],
-                    "model": (usage.model or "")[:200],
-                    "endpoint": draft.endpoint,
-                    "streamed": draft.streamed,
-                    "outcome": draft.outcome,
-                    "settlement": charge.settlement,
-                    "cost_source": charge.cost_source,
-                    "http_status": draft.http_status,
-                    "generation_id": (usage.generation_id or None),
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "cached_tokens": usage.cached_tokens,
-                    "cache_write_tokens": usage.cache_write_tokens,
-                    "reasoning_tokens": usage.reasoning_tokens,
-                    "provider_cost": charge.provider_cost,
-                    "billed": charge.billed,
-                    "holds_slot": keeps_slot,
-                    "upstream_latency_ms": draft.upstream_latency_ms,
-                    "ttfb_ms": draft.ttfb_ms,
-                    "error_message": (draft.error_message or usage.error_message or "")[:500],
-                    "created_at": draft.created_at,
-                    "settled_at": now if settled else None,
-                },
+        if connection.vendor == "postgresql":
+            _record_and_charge_in_one_statement(
+                values, draft.user_id, charge.billed, draft.request_id, now, release
             )
-            _charge_account(
-                draft.user_id,
-                charge.billed,
-                record_id=record_id,
-                request_id=draft.request_id,
-                at=now,
-                release_slot=draft.holds_slot and not keeps_slot,
-            )
+        else:
+            with transaction.atomic():
+                record_id = _insert_returning_pk(UsageRecord, values)
+                _charge_account(
+                    draft.user_id,
+                    charge.billed,
+                    record_id=record_id,
+                    request_id=draft.request_id,
+                    at=now,
+                    release_slot=release,
+                )
     except IntegrityError:
         if UsageRecord.objects.filter(request_id=draft.request_id).exists():
             return Recorded(RecordResult.ALREADY_RECORDED)
@@ -380,6 +384,79 @@ def _charge_account(
             else None
         )
     if amount > 0:
+        _notify_if_low(user_id, from_units(row[0]), amount)
+
+
+def _record_and_charge_in_one_statement(
+    values: dict[str, Any],
+    user_id: int,
+    amount: Decimal,
+    request_id: uuid.UUID,
+    at: datetime,
+    release_slot: bool,
+) -> None:
+    """PostgreSQL: the record, its ledger row and the balance in one statement.
+
+    Data-modifying ``WITH`` clauses run as one atomic statement: one round
+    trip instead of five (BEGIN, three statements, COMMIT), with the same
+    all-or-nothing effect as :func:`_charge_account` in a transaction. The
+    account row is upserted, so a user without an account gets one whose
+    balance is exactly its (negative) ledger.
+    """
+    record_table, record_column = _sql_names(UsageRecord)
+    ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
+    account_table, account_column = _sql_names(CreditAccount)
+    record_fields = [UsageRecord._meta.get_field(name) for name in values]
+    record_params = [
+        field.get_db_prep_save(values[field.name], connection)
+        for field in record_fields
+        if isinstance(field, models.Field)
+    ]
+    balance, in_flight = account_column("balance"), account_column("in_flight")
+    sql = (
+        f"WITH record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
+        f"({', '.join(record_column(f.name) for f in record_fields)}) "
+        f"VALUES ({', '.join(['%s'] * len(record_fields))}) "
+        f"RETURNING {record_column('id')}), "
+        f"entry AS (INSERT INTO {ledger_table} ({ledger_column('user')}, {ledger_column('kind')}, "
+        f"{ledger_column('amount')}, {ledger_column('reference')}, {ledger_column('note')}, "
+        f"{ledger_column('usage_record')}, {ledger_column('created_at')}) "
+        f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
+        f"account AS (INSERT INTO {account_table} ({account_column('user')}, {balance}, "
+        f"{in_flight}, {account_column('created_at')}) VALUES (%s, %s, 0, %s) "
+        f"ON CONFLICT ({account_column('user')}) DO UPDATE SET "
+        f"{balance} = {account_table}.{balance} + EXCLUDED.{balance}, "
+        f"{in_flight} = CASE WHEN %s AND {account_table}.{in_flight} > 0 "
+        f"THEN {account_table}.{in_flight} - 1 ELSE {account_table}.{in_flight} END "
+        f"RETURNING {balance}) "
+        f"SELECT (SELECT {balance} FROM account)"
+    )
+    at_value = connection.ops.adapt_datetimefield_value(at)
+    params = [
+        *record_params,
+        user_id,
+        LedgerKind.USAGE.value,
+        -to_units(amount),
+        f"usage:{request_id}",
+        at_value,
+        bool(amount),
+        user_id,
+        -to_units(amount),
+        at_value,
+        release_slot,
+    ]
+
+    def execute() -> Any:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+
+    if connection.in_atomic_block:
+        with transaction.atomic():  # a savepoint, so a conflict leaves the caller usable
+            row = execute()
+    else:
+        row = execute()
+    if amount > 0 and row is not None and row[0] is not None:
         _notify_if_low(user_id, from_units(row[0]), amount)
 
 

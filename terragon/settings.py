@@ -101,7 +101,7 @@ TEMPLATES = [
 
 DATABASES = {
     "default": parse_database_url(
-        os.environ.get("DATABASE_URL", "sqlite:///var/db.sqlite3"), BASE_DIR
+        os.environ.get("DATABASE_URL") or "sqlite:///var/db.sqlite3", BASE_DIR
     ),
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
