@@ -128,6 +128,7 @@ class Bench:
             "DJANGO_SECRET_KEY": "bench-secret-key-not-for-production",
             "TERRAGON_API_KEY_PEPPER": "bench-pepper",
             "LOG_LEVEL": args.log_level,
+            "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="bench-metrics-"),
             "PYTHONUNBUFFERED": "1",
         }
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -390,7 +391,9 @@ def report(bench: Bench, database_url: str) -> None:
 
     empty_many = bench.load(empty, None, c, [])
     empty_one = bench.load(empty, None, 1, [])
-    row(f"empty async Django view, {args.workers} workers", empty_many, None, empty_one)
+    row(
+        f"empty async Django view (site stack), {args.workers} workers", empty_many, None, empty_one
+    )
 
     proxy_json = bench.load(proxy, CHAT, c, tokens)
     proxy_stream = bench.load(proxy, STREAM, c, tokens)
@@ -408,9 +411,32 @@ def report(bench: Bench, database_url: str) -> None:
     ttfb_fake = bench.ttfb_ms(fake, [], SERVER_KEY)
     ttfb_proxy = bench.ttfb_ms(proxy, tokens)
     streams = bench.memory_with_streams(proxy, server, tokens)
+    # The same with one server process: no supervisor, no resource tracker.
+    single_port = free_port()
+    single = bench.start(
+        "proxy-single",
+        [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "terragon.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(single_port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        single_port,
+    )
+    single_url = f"http://127.0.0.1:{single_port}/api/proxy/openrouter/v1/chat/completions"
+    bench.load(single_url, CHAT, c, tokens)  # warm it like the others
+    streams_single = bench.memory_with_streams(single_url, single, tokens)
     statements = run_statement_count({**bench.env, "OPENROUTER_BASE_URL": ""})
 
-    width = [max(len(r[i]) for r in [*rows, HEADER]) for i in range(5)]
+    header = ("", f"req/s at {c} conn.", f"streams/s at {c}", "p50 / p99 ms at 1 conn.", "")
+    width = [max(len(r[i]) for r in [*rows, header]) for i in range(5)]
     print()
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -419,7 +445,7 @@ def report(bench: Bench, database_url: str) -> None:
         f"load generator {'wrk' if bench.wrk else 'benchmarks.loadgen'}, "
         f"{args.duration:g} s per run, {c} connections"
     )
-    for line in (HEADER, *rows):
+    for line in (header, *rows):
         print("  ".join(cell.ljust(width[i]) for i, cell in enumerate(line)))
     print()
     print(
@@ -437,15 +463,15 @@ def report(bench: Bench, database_url: str) -> None:
         f"(+{ttfb_proxy - ttfb_fake:.2f} ms)"
     )
     print(f"Database statements per request: {statements}")
-    count, succeeded, before, peak = streams
-    print(
-        f"Memory: {count} streams open at once ({succeeded} completed with 200): "
-        f"server RSS {before / 1024:.0f} MiB idle, {peak / 1024:.0f} MiB with them open "
-        f"({args.workers} workers + supervisor)"
-    )
-
-
-HEADER = ("", "req/s at 50 conn.", "streams/s at 50", "p50 / p99 ms at 1 conn.", "")
+    for label, (count, succeeded, before, peak) in (
+        (f"{args.workers} workers + supervisor", streams),
+        ("one server process", streams_single),
+    ):
+        print(
+            f"Memory, {label}: {count} streams open at once ({succeeded} completed with 200): "
+            f"RSS {before / 1024:.0f} MiB idle, {peak / 1024:.0f} MiB with them open "
+            f"({(peak - before) / count:.0f} KiB per stream)"
+        )
 
 
 if __name__ == "__main__":

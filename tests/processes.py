@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ def uvicorn_workers(workers: int, base_url: str, **env: Any) -> Iterator[str]:
         "TERRAGON_API_KEY_PEPPER": settings.TERRAGON_API_KEY_PEPPER,
         "DJANGO_SECRET_KEY": settings.SECRET_KEY,
         "LOG_LEVEL": "WARNING",
+        # Metrics of this server only, not added to the developer's.
+        "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="test-metrics-"),
         **{name: str(value) for name, value in env.items()},
     }
     process = subprocess.Popen(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         env = dict(os.environ)
+        # Metrics of earlier runs must not add up with this one's.
+        metrics_dir = env.get("PROMETHEUS_MULTIPROC_DIR")
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.makedirs(metrics_dir, exist_ok=True)
         children: list[subprocess.Popen[bytes]] = []
         if not env.get("OPENROUTER_API_KEY"):
             fake_port = options["fake_port"]
