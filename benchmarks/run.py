@@ -293,6 +293,25 @@ class Bench:
         return count, succeeded, before, peak
 
 
+def measure_litellm(bench: Bench, row: Any, fake_base_url: str, connections: int) -> None:
+    """The gateway users would otherwise pick, against the same fake, in the same run."""
+    from benchmarks.litellm import VERSION, litellm_url, start_litellm
+
+    port = free_port()
+    process = start_litellm(fake_base_url, port, bench.logs, SERVER_KEY)
+    if process is None:
+        return
+    bench.processes.append(process)
+    url = litellm_url(port)
+    row(
+        f"LiteLLM proxy {VERSION}, one worker, no database",
+        bench.load(url, CHAT, connections, []),
+        bench.load(url, STREAM, connections, []),
+        bench.load(url, CHAT, 1, []),
+    )
+    process.send_signal(signal.SIGINT)
+
+
 def run_statement_count(env: dict[str, str]) -> str:
     done = subprocess.run(
         [PYTHON, "-m", "benchmarks.statements"],
@@ -317,10 +336,14 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--no-wrk", action="store_true", help="use the Python load generator")
+    parser.add_argument(
+        "--no-litellm", action="store_true", help="leave out LiteLLM's proxy (installed once)"
+    )
     args = parser.parse_args()
     if args.short:
         args.duration, args.connections, args.streams = 1.0, 10, 40
         args.samples, args.users = 20, 10
+        args.no_litellm = True
 
     with fresh_database() as database_url:
         bench = Bench(args, database_url)
@@ -407,6 +430,9 @@ def report(bench: Bench, database_url: str) -> None:
         proxy_one,
         f"{proxy_json.errors + proxy_stream.errors} errors",
     )
+
+    if not args.no_litellm:
+        measure_litellm(bench, row, f"http://127.0.0.1:{fake_port}/api", c)
 
     ttfb_fake = bench.ttfb_ms(fake, [], SERVER_KEY)
     ttfb_proxy = bench.ttfb_ms(proxy, tokens)

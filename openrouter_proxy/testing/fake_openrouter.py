@@ -26,9 +26,7 @@ import gzip
 import json
 import logging
 import random
-import socket
 import string
-import threading
 import time
 import zlib
 from collections import deque
@@ -38,9 +36,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
-import uvicorn
+from openrouter_proxy.testing.servers import bind_socket, serve_in_thread, url_for
 
 __all__ = [
     "ANSWER_TEXT",
@@ -879,6 +877,12 @@ class FakeOpenRouter:
                 if not final and gone.is_set():
                     return
                 delivered += 1
+                if index % 16 == 15:
+                    # Once the client is gone uvicorn's send() returns without
+                    # suspending, so without a pause now and then a stream with
+                    # no chunk delay would never let the disconnect watcher run
+                    # and would "generate" to its end for nobody.
+                    await asyncio.sleep(0)
             if mode.cut:
                 # Returning without the last body message makes uvicorn close the
                 # connection with no chunked terminator: the client sees a
@@ -916,23 +920,17 @@ class RunningFake:
     port: int
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0 picks a free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def base_url_for(host: str, port: int) -> str:
-    shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/api"
+    return f"{url_for(host, port)}/api"
+
+
+# Options of a fake's server: no proxy-header handling, and streams a test left
+# open must not hold up its exit.
+FAKE_SERVER_OPTIONS: dict[str, Any] = {
+    "lifespan": "off",
+    "proxy_headers": False,
+    "timeout_graceful_shutdown": 1,
+}
 
 
 @contextlib.contextmanager
@@ -941,32 +939,6 @@ def run_fake_openrouter(
 ) -> Iterator[RunningFake]:
     """Serve ``app`` with uvicorn in a daemon thread for the duration of the block."""
     app = app if app is not None else FakeOpenRouter()
-    sock = bind_socket(host, port)
-    actual_port = int(sock.getsockname()[1])
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=actual_port,
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        proxy_headers=False,
-        # Streams a test left open must not hold up the exit of the block.
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="fake-openrouter", daemon=True
-    )
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the fake OpenRouter did not start")
-            time.sleep(0.005)
-        yield RunningFake(app=app, base_url=base_url_for(host, actual_port), port=actual_port)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(app, host=host, port=port, **FAKE_SERVER_OPTIONS) as url:
+        actual_port = int(urlsplit(url).port or 0)
+        yield RunningFake(app=app, base_url=f"{url}/api", port=actual_port)

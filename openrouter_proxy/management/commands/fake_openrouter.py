@@ -13,11 +13,12 @@ import uvicorn
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from openrouter_proxy.testing.fake_openrouter import (
+    FAKE_SERVER_OPTIONS,
     FakeOpenRouter,
     base_url_for,
-    bind_socket,
     parse_mode,
 )
+from openrouter_proxy.testing.servers import bind_socket, quiet_config
 
 
 class Command(BaseCommand):
@@ -63,16 +64,7 @@ class Command(BaseCommand):
         except OSError as exc:
             raise CommandError(f"cannot listen on {host}:{options['port']}: {exc}") from exc
         port = int(sock.getsockname()[1])
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=1,
-        )
+        config = quiet_config(app, host, port, **FAKE_SERVER_OPTIONS)
         self.stdout.write(base_url_for(host, port))
         self.stdout.flush()
         uvicorn.Server(config).run(sockets=[sock])
