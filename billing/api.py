@@ -8,7 +8,7 @@ usage, ``model``. Errors use the same OpenAI-style JSON as the proxy.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -114,15 +114,17 @@ def _moment(request: Request, name: str) -> datetime | None:
     raw = request.query_params.get(name)
     if not raw:
         return None
+    invalid = exceptions.ValidationError(
+        {"detail": f"`{name}` must be an ISO 8601 date-time, e.g. 2026-11-01T00:00:00Z."}
+    )
     try:
         moment = parse_datetime(raw)
-    except ValueError:
-        moment = None
-    if moment is None:
-        raise exceptions.ValidationError(
-            {"detail": f"`{name}` must be an ISO 8601 date-time, e.g. 2026-11-01T00:00:00Z."}
-        )
-    return make_aware(moment) if is_naive(moment) else moment
+        if moment is None:
+            raise invalid
+        # In UTC: databases refuse some offsets Python accepts (PostgreSQL: +16:05).
+        return (make_aware(moment) if is_naive(moment) else moment).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise invalid from None
 
 
 # --- OpenAPI descriptions (drf-spectacular) -------------------------------------------

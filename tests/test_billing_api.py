@@ -129,3 +129,18 @@ def test_ledger(api: APIClient, account: Account) -> None:
     ]
     assert body["results"][0]["note"] == "top-up"
     assert api.get("/api/billing/balance", headers=account.headers).json()["balance"] == "30.00"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["1115-12-31T22:34:18.84+16:05", "0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00"],
+)
+def test_time_filters_at_the_edges_are_400_or_answered_never_500(
+    api: APIClient, account: Account, value: str
+) -> None:
+    response = api.get(
+        "/api/billing/usage", {"until": value, "since": value}, headers=account.headers
+    )
+    assert response.status_code in {200, 400}
+    if response.status_code == 400:
+        assert "ISO 8601" in response.json()["error"]["message"]
