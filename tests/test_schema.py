@@ -81,8 +81,11 @@ def test_billing_api_matches_its_schema(api_schema: Any, caller: Account) -> Non
     for operation in operations:
 
         @given(case=operation.as_strategy())
+        # Derandomized: the same examples on every run, so CI never flakes on a
+        # new random find; widen max_examples locally to explore further.
         @settings(
-            max_examples=12,
+            max_examples=30,
+            derandomize=True,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
