@@ -53,3 +53,14 @@ seed-usage: $(STAMP)
 	$(BIN)/python manage.py migrate --no-input
 	$(BIN)/python manage.py seed_usage --records $${RECORDS:-1000000} --users $${USERS:-200}
 	$(BIN)/python manage.py check_ledger
+
+# The long soak on loopback: 20,000 requests through two workers, then the books, plus the
+# 45-second database outage (on PostgreSQL). SOAK_REQUESTS to change the count; figures are
+# printed and appended to var/reliability-figures.jsonl.
+.PHONY: soak
+soak: $(STAMP)
+	mkdir -p var
+	SOAK_REQUESTS=$${SOAK_REQUESTS:-20000} RELIABILITY_LONG=1 \
+		RELIABILITY_FIGURES=$${RELIABILITY_FIGURES:-var/reliability-figures.jsonl} \
+		$(BIN)/pytest -p no:cacheprovider -s -rxX tests/test_soak.py \
+		tests/test_faults.py::test_database_recovers_promptly_after_a_long_outage

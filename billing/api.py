@@ -8,10 +8,12 @@ usage, ``model``. Errors use the same OpenAI-style JSON as the proxy.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from django.db import DatabaseError
 from django.db.models import Q, QuerySet
 from django.utils.dateparse import parse_datetime
 from django.utils.timezone import is_naive, make_aware
@@ -33,8 +35,23 @@ from billing.models import CreditLedgerEntry, UsageRecord
 from billing.money import format_usd
 from billing.services import balance_of
 
+logger = logging.getLogger(__name__)
+
 
 def openai_style_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, DatabaseError):
+        logger.exception("billing API: database unavailable")
+        return Response(
+            {
+                "error": {
+                    "message": "The database is unavailable; try again shortly.",
+                    "type": "service_unavailable",
+                    "code": "db_down",
+                }
+            },
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     response = exception_handler(exc, context)
     if response is None:
         return None

@@ -126,6 +126,9 @@ class UsageDraft:
     error_message: str = ""
     # The request holds an in-flight slot that recording gives back.
     holds_slot: bool = True
+    # The request reached the upstream but no answer says what it cost (a
+    # timeout or a broken connection after sending): never assume it was free.
+    cost_unknown: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +203,11 @@ def determine_charge(draft: UsageDraft) -> Charge:
             return Charge(Settlement.SETTLED, CostSource.PRICE_TABLE, estimated, bill(estimated))
     if usage.generation_id:
         return Charge(Settlement.PENDING, CostSource.NONE, None, Decimal(0))
-    if usage.has_tokens or draft.outcome in (Outcome.COMPLETED, Outcome.CLIENT_DISCONNECTED):
+    if (
+        usage.has_tokens
+        or draft.cost_unknown
+        or draft.outcome in (Outcome.COMPLETED, Outcome.CLIENT_DISCONNECTED)
+    ):
         return Charge(Settlement.UNPRICED, CostSource.NONE, None, Decimal(0))
     # Refused or failed before anything was generated: nothing to pay.
     return Charge(Settlement.SETTLED, CostSource.NONE, None, Decimal(0))

@@ -34,17 +34,22 @@ from contextlib import suppress
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import RequestAborted
+from django.core.exceptions import (
+    BadRequest,
+    PermissionDenied,
+    RequestAborted,
+    SuspiciousOperation,
+)
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.core.handlers.exception import convert_exception_to_response
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest
+from django.http.response import HttpResponseBase
 from django.urls import set_script_prefix
 
 from openrouter_proxy import db, observability
 from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
-from openrouter_proxy.errors import error_body
+from openrouter_proxy.errors import error_body, error_response
 from openrouter_proxy.settlement import drain
 from openrouter_proxy.upstream import close_clients
 
@@ -67,9 +72,27 @@ class ProxyHandler(ASGIHandler):
         self._view_middleware: list[Any] = []
         self._template_response_middleware: list[Any] = []
         self._exception_middleware: list[Any] = []
-        self._middleware_chain = convert_exception_to_response(
-            self._get_response_async  # type: ignore[attr-defined]
-        )
+        self._middleware_chain = self._answer_errors_in_json
+
+    async def _answer_errors_in_json(self, request: HttpRequest) -> HttpResponseBase:
+        """The view's response; an unexpected error becomes a JSON 500.
+
+        Django's own error response is an HTML page, and with ``DEBUG`` on it
+        lists the view's local variables, the server's OpenRouter key among
+        them. The proxy's callers get JSON and nothing else.
+        """
+        try:
+            response: HttpResponseBase = await self._get_response_async(  # type: ignore[attr-defined]
+                request
+            )
+        except Exception as error:
+            status, message, code = _error_status(error)
+            if status == 500:
+                logger.exception("unexpected error in the proxy on %r", request.path)
+            return error_response(
+                status, message, code, headers=cors_headers(request.headers.get("Origin"))
+            )
+        return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handle(scope, receive, send)
@@ -139,6 +162,17 @@ class ProxyHandler(ASGIHandler):
         response._handler_class = self.__class__  # type: ignore[attr-defined]
         with suppress(asyncio.CancelledError):
             await self.send_response(response, send)
+
+
+def _error_status(error: Exception) -> tuple[int, str, str]:
+    """Status, message and code of an exception that escaped the view."""
+    if isinstance(error, Http404):
+        return 404, "Nothing is proxied at this path.", "not_found"
+    if isinstance(error, PermissionDenied):
+        return 403, "Forbidden.", "forbidden"
+    if isinstance(error, SuspiciousOperation | BadRequest):
+        return 400, "The request is malformed.", "bad_request"
+    return 500, "The gateway failed on this request.", "internal_error"
 
 
 def _headers(scope: Scope) -> dict[str, str]:

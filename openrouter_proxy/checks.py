@@ -74,6 +74,17 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
                 id="openrouter_proxy.E005",
             )
         )
+    for name, value in (
+        ("APP_URL", proxy_settings.APP_URL),
+        ("APP_TITLE", proxy_settings.APP_TITLE),
+    ):
+        if not value.isascii() or any(ord(char) < 32 for char in value):
+            messages.append(
+                Error(
+                    f"OPENROUTER_PROXY_{name} must be printable ASCII: it is sent as a header.",
+                    id="openrouter_proxy.E006",
+                )
+            )
     if not proxy_settings.API_KEY:
         messages.append(
             Warning(

@@ -11,5 +11,7 @@ from openrouter_proxy.views import proxy
 app_name = "openrouter_proxy"
 
 urlpatterns = [
-    re_path(r"^(?:/(?P<upstream_path>.*))?$", proxy, name="proxy"),
+    # [\s\S]: every character, newlines included, so that every path below
+    # the prefix reaches the view and its checks (a 400), never a 404 page.
+    re_path(r"^(?:/(?P<upstream_path>[\s\S]*))?$", proxy, name="proxy"),
 ]

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -140,7 +141,13 @@ def inspect_body(body: bytes, content_type: str) -> BodyFacts | HttpResponse | N
     if not body.strip():
         return None
     try:
-        payload = json.loads(body)
+        # Parse as leniently as any upstream parser might: the encoding is
+        # detected as JSON allows (UTF-8, -16 or -32), bad bytes are replaced,
+        # and integers become Decimals (Python's int refuses more than
+        # 4,300 digits), so no body the upstream would read slips past the
+        # allowlist.
+        text = body.decode(json.detect_encoding(body), "replace")
+        payload = json.loads(text, parse_int=Decimal)
     except RecursionError:
         return error_response(400, "The JSON body is nested too deeply.", "invalid_json")
     except ValueError:
@@ -180,7 +187,14 @@ class Exchange:
     status: int | None = None
     header_generation_id: str | None = None
 
-    def draft(self, outcome: str, capture: CaptureResult | None, error: str = "") -> UsageDraft:
+    def draft(
+        self,
+        outcome: str,
+        capture: CaptureResult | None,
+        error: str = "",
+        *,
+        cost_unknown: bool = False,
+    ) -> UsageDraft:
         usage = capture.usage if capture is not None else ReportedUsage()
         if usage.generation_id is None and self.header_generation_id:
             usage = replace(usage, generation_id=self.header_generation_id)
@@ -204,6 +218,7 @@ class Exchange:
                 else None
             ),
             error_message=error,
+            cost_unknown=cost_unknown,
         )
 
 
@@ -273,7 +288,10 @@ async def relay(
             result = capture.result() if capture is not None else None
             if result is not None and result.error and outcome == Outcome.COMPLETED:
                 outcome = Outcome.UPSTREAM_ERROR
-            await record_in_background(exchange, exchange.draft(outcome, result, error))
+            await record_in_background(
+                exchange,
+                exchange.draft(outcome, result, error, cost_unknown=broken is not None),
+            )
     if broken is not None:
         if is_sse:
             # A clean end the SDKs understand: they raise on an error event.
@@ -446,7 +464,13 @@ async def _upstream_failure(
     if exchange is not None:
         exchange.status = status
         await record_in_background(
-            exchange, exchange.draft(outcome, None, f"{type(failure).__name__}: {message}")
+            exchange,
+            exchange.draft(
+                outcome,
+                None,
+                f"{type(failure).__name__}: {message}",
+                cost_unknown=outcome == Outcome.UPSTREAM_ERROR,
+            ),
         )
     return fail(status, message, code, retry=retry)
 

@@ -49,6 +49,10 @@ def parse_database_url(url: str, base_dir: Path) -> dict[str, Any]:
             "min_size": int(options.pop("pool_min_size", 1)),
             "max_size": int(options.pop("pool_max_size", 20)),
             "timeout": float(options.pop("pool_timeout", 5)),
+            # Give up on a failing connection attempt after a few seconds, so a
+            # new one (with its backoff reset) is tried when the database is
+            # back, instead of pausing for minutes between attempts.
+            "reconnect_timeout": float(options.pop("pool_reconnect_timeout", 5)),
         }
         options.setdefault("connect_timeout", "3")
         options["pool"] = pool

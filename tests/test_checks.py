@@ -35,6 +35,9 @@ def test_defaults_are_clean(settings: Any) -> None:
         ("OPENROUTER_PROXY_READ_TIMEOUT", 0, "openrouter_proxy.E004"),
         ("OPENROUTER_PROXY_MAX_BODY_BYTES", -1, "openrouter_proxy.E004"),
         ("OPENROUTER_PROXY_CONNECT_TIMEOUT", "soon", "openrouter_proxy.E004"),
+        ("OPENROUTER_PROXY_TRANSPORT", "curl", "openrouter_proxy.E005"),
+        ("OPENROUTER_PROXY_APP_TITLE", "Terragon \u2014 gateway", "openrouter_proxy.E006"),
+        ("OPENROUTER_PROXY_APP_URL", "https://x.example/\n", "openrouter_proxy.E006"),
         ("OPENROUTER_PROXY_API_KEY", "", "openrouter_proxy.W001"),
     ],
 )

@@ -1,0 +1,1 @@
+"""Helpers for the reliability tests: raw HTTP, process inspection, fault injection."""
