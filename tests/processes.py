@@ -41,10 +41,9 @@ def free_port() -> int:
     return port
 
 
-@contextlib.contextmanager
-def uvicorn_workers(workers: int, base_url: str, **env: Any) -> Iterator[str]:
-    port = free_port()
-    environment = {
+def server_environment(base_url: str, **env: Any) -> dict[str, str]:
+    """The environment of a server process sharing this test run's database and keys."""
+    return {
         **os.environ,
         "DATABASE_URL": database_url(),
         "OPENROUTER_API_KEY": settings.OPENROUTER_PROXY_API_KEY,
@@ -56,24 +55,41 @@ def uvicorn_workers(workers: int, base_url: str, **env: Any) -> Iterator[str]:
         "PROMETHEUS_MULTIPROC_DIR": tempfile.mkdtemp(prefix="test-metrics-"),
         **{name: str(value) for name, value in env.items()},
     }
+
+
+def uvicorn_command(port: int, workers: int, app: str = "terragon.asgi:application") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server as an operator would (SIGINT), killing it if it hangs."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def uvicorn_workers(workers: int, base_url: str, **env: Any) -> Iterator[str]:
+    port = free_port()
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "terragon.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=environment,
+        uvicorn_command(port, workers), cwd=ROOT, env=server_environment(base_url, **env)
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -88,9 +104,4 @@ def uvicorn_workers(workers: int, base_url: str, **env: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn workers did not start")
         yield url
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

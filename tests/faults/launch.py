@@ -6,10 +6,7 @@ to search afterwards, the probe endpoint, and a database URL of their own.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,11 +15,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from django.conf import settings
 
 from tests.faults.probe import PROBE_PATH
 from tests.faults.procfs import worker_pids
-from tests.processes import ROOT, database_url, free_port
+from tests.processes import (
+    ROOT,
+    database_url,
+    free_port,
+    server_environment,
+    stop_process,
+    uvicorn_command,
+)
 from tests.servers import wait_until
 
 
@@ -81,35 +84,11 @@ def server_process(
     **env: Any,
 ) -> Iterator[ServerProcess]:
     port = free_port()
-    environment = {
-        **os.environ,
-        "DATABASE_URL": database_url(),
-        "OPENROUTER_API_KEY": settings.OPENROUTER_PROXY_API_KEY,
-        "OPENROUTER_BASE_URL": base_url,
-        "TERRAGON_API_KEY_PEPPER": settings.TERRAGON_API_KEY_PEPPER,
-        "DJANGO_SECRET_KEY": settings.SECRET_KEY,
-        "LOG_LEVEL": "WARNING",
-        **{name: str(value) for name, value in env.items()},
-    }
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
+        uvicorn_command(port, workers, app),
         cwd=ROOT,
-        env=environment,
+        env=server_environment(base_url, **env),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -130,12 +109,7 @@ def server_process(
         server.workers = worker_pids(port)
         yield server
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
         # Let the workers' last log lines land before anyone reads the file.
         time.sleep(0.05)
