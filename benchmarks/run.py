@@ -56,6 +56,15 @@ class Measured:
     errors: int
 
 
+def site_command(port: int, workers: int | None = None) -> list[str]:
+    """uvicorn serving the site; ``workers=None`` runs one process without a supervisor."""
+    command = [PYTHON, "-m", "uvicorn", "terragon.asgi:application", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    return command
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -361,25 +370,7 @@ def report(bench: Bench, database_url: str) -> None:
         "fake", [PYTHON, "manage.py", "fake_openrouter", "--port", str(fake_port)], fake_port
     )
     bench.env["OPENROUTER_BASE_URL"] = f"http://127.0.0.1:{fake_port}/api"
-    server = bench.start(
-        "proxy",
-        [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "terragon.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(proxy_port),
-            "--workers",
-            str(args.workers),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        proxy_port,
-    )
+    server = bench.start("proxy", site_command(proxy_port, args.workers), proxy_port)
     fake = f"http://127.0.0.1:{fake_port}/api/v1/chat/completions"
     proxy = f"http://127.0.0.1:{proxy_port}/api/proxy/openrouter/v1/chat/completions"
     empty = f"http://127.0.0.1:{proxy_port}/bench/empty"
@@ -439,23 +430,7 @@ def report(bench: Bench, database_url: str) -> None:
     streams = bench.memory_with_streams(proxy, server, tokens)
     # The same with one server process: no supervisor, no resource tracker.
     single_port = free_port()
-    single = bench.start(
-        "proxy-single",
-        [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "terragon.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(single_port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        single_port,
-    )
+    single = bench.start("proxy-single", site_command(single_port), single_port)
     single_url = f"http://127.0.0.1:{single_port}/api/proxy/openrouter/v1/chat/completions"
     bench.load(single_url, CHAT, c, tokens)  # warm it like the others
     streams_single = bench.memory_with_streams(single_url, single, tokens)
