@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from hypothesis import settings as settings_profiles
 
 from billing.services import grant_credits
 from openrouter_proxy.testing.fake_openrouter import (
@@ -22,6 +24,12 @@ SERVER_KEY = "sk-or-test-server-key-0123456789"
 
 # One line per test client request would drown the output of a failing test.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+
+# In CI, property tests try the same examples on every run: a failure there is
+# reproducible, never a new random find. Locally they keep exploring.
+settings_profiles.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings_profiles.load_profile("ci")
 
 
 @pytest.fixture(scope="session", autouse=True)
