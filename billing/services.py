@@ -361,35 +361,18 @@ def _charge_account(
                 "created_at": at,
             },
         )
-    table, column = _sql_names(CreditAccount)
-    balance, in_flight = column("balance"), column("in_flight")
-    slot = (
-        f"{in_flight} = CASE WHEN {in_flight} > 0 THEN {in_flight} - 1 ELSE 0 END"
-        if release_slot
-        else f"{in_flight} = {in_flight}"
-    )
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {table} SET {balance} = {balance} - %s, {slot} "  # noqa: S608
-            f"WHERE {column('user')} = %s RETURNING {balance}",
-            [to_units(amount), user_id],
+            _account_upsert_sql(),
+            [
+                user_id,
+                -to_units(amount),
+                connection.ops.adapt_datetimefield_value(at),
+                release_slot,
+            ],
         )
         row = cursor.fetchone()
-    if row is None:
-        # No account yet (a host site that never granted credit): open one.
-        CreditAccount.objects.get_or_create(user_id=user_id)
-        return (
-            _charge_account(
-                user_id,
-                amount,
-                record_id=record_id,
-                request_id=request_id,
-                at=at,
-                release_slot=False,
-            )
-            if amount
-            else None
-        )
+    assert row is not None
     if amount > 0:
         _notify_if_low(user_id, from_units(row[0]), amount)
 
@@ -412,14 +395,13 @@ def _record_and_charge_in_one_statement(
     """
     record_table, record_column = _sql_names(UsageRecord)
     ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
-    account_table, account_column = _sql_names(CreditAccount)
+    _, account_column = _sql_names(CreditAccount)
     record_fields = [UsageRecord._meta.get_field(name) for name in values]
     record_params = [
         field.get_db_prep_save(values[field.name], connection)
         for field in record_fields
         if isinstance(field, models.Field)
     ]
-    balance, in_flight = account_column("balance"), account_column("in_flight")
     sql = (
         f"WITH record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
         f"({', '.join(record_column(f.name) for f in record_fields)}) "
@@ -429,14 +411,8 @@ def _record_and_charge_in_one_statement(
         f"{ledger_column('amount')}, {ledger_column('reference')}, {ledger_column('note')}, "
         f"{ledger_column('usage_record')}, {ledger_column('created_at')}) "
         f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
-        f"account AS (INSERT INTO {account_table} ({account_column('user')}, {balance}, "
-        f"{in_flight}, {account_column('created_at')}) VALUES (%s, %s, 0, %s) "
-        f"ON CONFLICT ({account_column('user')}) DO UPDATE SET "
-        f"{balance} = {account_table}.{balance} + EXCLUDED.{balance}, "
-        f"{in_flight} = CASE WHEN %s AND {account_table}.{in_flight} > 0 "
-        f"THEN {account_table}.{in_flight} - 1 ELSE {account_table}.{in_flight} END "
-        f"RETURNING {balance}) "
-        f"SELECT (SELECT {balance} FROM account)"
+        f"account AS ({_account_upsert_sql()}) "
+        f"SELECT (SELECT {account_column('balance')} FROM account)"
     )
     at_value = connection.ops.adapt_datetimefield_value(at)
     params = [
@@ -465,6 +441,25 @@ def _record_and_charge_in_one_statement(
         row = execute()
     if amount > 0 and row is not None and row[0] is not None:
         _notify_if_low(user_id, from_units(row[0]), amount)
+
+
+def _account_upsert_sql() -> str:
+    """Move a user's balance by a signed amount, opening the account if needed.
+
+    Parameters: user id, amount in pico-dollars (signed), the time (for a new
+    account), whether to give back one in-flight slot. Returns the new balance.
+    A new account starts at the amount itself, so it equals its ledger.
+    """
+    table, column = _sql_names(CreditAccount)
+    user, balance, in_flight = column("user"), column("balance"), column("in_flight")
+    return (
+        f"INSERT INTO {table} ({user}, {balance}, {in_flight}, {column('created_at')}) "  # noqa: S608
+        f"VALUES (%s, %s, 0, %s) ON CONFLICT ({user}) DO UPDATE SET "
+        f"{balance} = {table}.{balance} + excluded.{balance}, "
+        f"{in_flight} = CASE WHEN %s AND {table}.{in_flight} > 0 "
+        f"THEN {table}.{in_flight} - 1 ELSE {table}.{in_flight} END "
+        f"RETURNING {balance}"
+    )
 
 
 def _sql_names(model: type[models.Model]) -> tuple[str, Any]:

@@ -347,3 +347,23 @@ def test_database_down_spools_the_charge_and_replay_records_it_once(
     assert balance_of(account.user) == Decimal("9.75")
     assert CreditAccount.objects.get(user=account.user).in_flight == 0
     assert check_ledger() == []
+
+
+def test_a_user_without_an_account_is_charged_once_into_a_new_account(db: None) -> None:
+    """A host site may never have granted credit: the charge opens the account."""
+    from tests.conftest import make_account
+
+    newcomer = make_account("newcomer", credit=None)
+    assert not CreditAccount.objects.filter(user=newcomer.user).exists()
+    assert (
+        record_usage(
+            draft(newcomer, generation_id="gen-new", cost=Decimal("0.25"), prompt_tokens=3)
+        ).result
+        is RecordResult.RECORDED
+    )
+    record_usage(draft(newcomer, generation_id="gen-later", outcome=Outcome.CLIENT_DISCONNECTED))
+    pending = UsageRecord.objects.get(generation_id="gen-later")
+    assert settle_pending(pending.pk, Decimal("0.5")) is True
+    assert balance_of(newcomer.user) == Decimal("-0.75")
+    assert CreditLedgerEntry.objects.filter(user=newcomer.user, kind=LedgerKind.USAGE).count() == 2
+    assert check_ledger() == []
