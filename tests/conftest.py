@@ -51,6 +51,16 @@ def _isolated_settings(settings: Any, tmp_path: Any) -> None:
     settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0
 
 
+BROKEN_VERIFIER = "tests.conftest.broken_verifier"
+
+
+def broken_verifier(token: str) -> None:
+    """A key verifier whose database is unreachable (point the setting at BROKEN_VERIFIER)."""
+    from django.db import OperationalError
+
+    raise OperationalError("could not connect to server: Connection refused")
+
+
 @dataclass
 class Account:
     user: Any

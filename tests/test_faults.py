@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connection
+from django.db import connection
 
 from billing.models import CostSource, CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import UsageDraft, balance_of, check_ledger
@@ -37,7 +37,7 @@ from billing.spool import spool_draft, spooled_paths
 from billing.usage import ReportedUsage
 from openrouter_proxy.settlement import pending_tasks
 from openrouter_proxy.testing.fake_openrouter import RunningFake, bind_socket
-from tests.conftest import Account, Gateway, make_account
+from tests.conftest import BROKEN_VERIFIER, Account, Gateway, make_account
 from tests.faults.common import (
     CHAT,
     STREAM_CHAT,
@@ -380,14 +380,10 @@ def test_client_disconnect_closes_upstream_leaks_nothing_and_settles(
 # --- The database goes away -----------------------------------------------------------
 
 
-def broken_verifier(token: str) -> None:
-    raise OperationalError("could not connect to server: Connection refused")
-
-
 def test_billing_api_database_down_is_503_json(
     gateway: Gateway, live_account: Account, settings: Any
 ) -> None:
-    settings.OPENROUTER_PROXY_KEY_VERIFIER = "tests.test_faults.broken_verifier"
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = BROKEN_VERIFIER
     response = httpx.get(f"{gateway.url}/api/billing/balance", headers=live_account.headers)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "db_down"

@@ -13,7 +13,7 @@ import pytest
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
 from openrouter_proxy.callers import ApiKeyRejected, verification_cache, verify_token
-from tests.conftest import Account, Gateway
+from tests.conftest import BROKEN_VERIFIER, Account, Gateway
 from tests.servers import wait_until
 
 CHAT = {"model": "x-ai/grok-code-fast-1", "messages": [{"role": "user", "content": "Hi"}]}
@@ -78,7 +78,7 @@ def test_database_errors_are_not_remembered(
 ) -> None:
     from django.db import OperationalError
 
-    settings.OPENROUTER_PROXY_KEY_VERIFIER = "tests.test_proxy.broken_verifier"
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = BROKEN_VERIFIER
     for _ in range(2):
         with pytest.raises(OperationalError):
             asyncio.run(verify_token(live_account.token))

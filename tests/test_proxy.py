@@ -15,7 +15,7 @@ from django.utils import timezone
 from billing.models import CostSource, CreditAccount, ModelPrice, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
 from terragon.apikeys.models import ApiKey
-from tests.conftest import SERVER_KEY, Account, Gateway, make_account
+from tests.conftest import BROKEN_VERIFIER, SERVER_KEY, Account, Gateway, make_account
 from tests.servers import serve_in_thread, wait_until
 
 CHAT = {"model": "x-ai/grok-code-fast-1", "messages": [{"role": "user", "content": "Hi"}]}
@@ -688,16 +688,10 @@ def test_client_gone_before_upstream_headers_is_recorded_and_frees_its_slot(
     assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
 
 
-def broken_verifier(token: str) -> None:
-    from django.db import OperationalError
-
-    raise OperationalError("could not connect to server: Connection refused")
-
-
 def test_database_down_during_auth_is_503_json(
     gateway: Gateway, live_account: Account, settings: Any
 ) -> None:
-    settings.OPENROUTER_PROXY_KEY_VERIFIER = "tests.test_proxy.broken_verifier"
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = BROKEN_VERIFIER
     response = post(gateway, live_account)
     assert_openai_error(response, 503, "db_down")
     assert response.headers["access-control-allow-origin"] == "*"
