@@ -94,6 +94,11 @@ def admit_request(user_id: int) -> Admission:
     return Admission.TOO_MANY_IN_FLIGHT
 
 
+def generation_belongs_to(user_id: int, generation_id: str) -> bool:
+    """Whether one of the user's usage records names this generation."""
+    return UsageRecord.objects.filter(user_id=user_id, generation_id=generation_id).exists()
+
+
 def release_request(user_id: int) -> None:
     """Give back a slot taken by :func:`admit_request` when nothing is recorded."""
     CreditAccount.objects.filter(user_id=user_id).update(in_flight=_one_slot_less())
@@ -197,6 +202,8 @@ def determine_charge(draft: UsageDraft) -> Charge:
     cost = usage.provider_cost
     if cost is not None:
         return Charge(Settlement.SETTLED, CostSource.PROVIDER, cost, bill(cost))
+    if usage.cost_from_stats and usage.generation_id:
+        return Charge(Settlement.PENDING, CostSource.NONE, None, Decimal(0))
     if usage.has_tokens:
         estimated = price_table_cost(usage, usage.model or draft.requested_model)
         if estimated is not None:

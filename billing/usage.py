@@ -29,6 +29,10 @@ class ReportedUsage:
     finish_reason: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    #: The response's shape never carries the cost (an Anthropic stream, audio
+    #: bytes): the generation stats are the source to wait for, before any
+    #: price-table estimate from the tokens it did report.
+    cost_from_stats: bool = False
 
     @property
     def has_tokens(self) -> bool:
@@ -36,11 +40,23 @@ class ReportedUsage:
 
     @property
     def provider_cost(self) -> Decimal | None:
-        """The amount the provider charged for this generation, if it said.
+        """What the operator paid for this generation in total, if the provider said.
 
-        With BYOK the provider's own fee is ``cost`` (usually zero) and the
-        inference was paid upstream, reported as ``upstream_inference_cost``.
+        Without BYOK that is ``cost``, what OpenRouter charged (its
+        ``upstream_inference_cost`` is then only a breakdown of the same money).
+        With BYOK it is two bills: OpenRouter's own fee, ``cost``, taken from
+        the OpenRouter credits, plus the provider's price for the inference,
+        ``upstream_inference_cost``, paid on the operator's provider key. Both
+        must be known: with either missing the total is unknown, not the half
+        that was reported.
         """
-        if self.is_byok and self.upstream_inference_cost is not None:
-            return self.upstream_inference_cost
-        return self.cost
+        if not self.is_byok:
+            return self.cost
+        return byok_total(self.cost, self.upstream_inference_cost)
+
+
+def byok_total(fee: Decimal | None, upstream_inference_cost: Decimal | None) -> Decimal | None:
+    """A BYOK generation's whole price: OpenRouter's fee plus the provider's price."""
+    if fee is None or upstream_inference_cost is None:
+        return None
+    return fee + upstream_inference_cost

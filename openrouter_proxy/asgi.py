@@ -49,7 +49,7 @@ from openrouter_proxy import db, observability
 from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
-from openrouter_proxy.errors import error_body, error_response
+from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
 from openrouter_proxy.settlement import drain
 from openrouter_proxy.upstream import close_clients
 
@@ -126,13 +126,7 @@ class ProxyHandler(ASGIHandler):
             return
         except BodyTooLarge:
             limit = proxy_settings.MAX_BODY_BYTES
-            await _send_error(
-                send,
-                413,
-                f"The request body is larger than {limit} bytes.",
-                "body_too_large",
-                _headers(scope).get("origin"),
-            )
+            await _send_error(send, *_too_large(limit), _headers(scope).get("origin"))
             return
         try:
             set_script_prefix(get_script_prefix(scope))
@@ -196,16 +190,16 @@ def early_refusal(scope: Scope) -> tuple[int, str, str] | None:
         return None
     headers = _headers(scope)
     if extract_token(headers.get) is None:
-        return (
-            401,
-            "Missing API key: send it as `X-Daemon-Token` or `Authorization: Bearer`.",
-            "missing_api_key",
-        )
+        return MISSING_API_KEY.status, MISSING_API_KEY.message, MISSING_API_KEY.code
     declared = headers.get("content-length", "")
     limit = proxy_settings.MAX_BODY_BYTES
     if declared.isdigit() and int(declared) > limit:
-        return 413, f"The request body is larger than {limit} bytes.", "body_too_large"
+        return _too_large(limit)
     return None
+
+
+def _too_large(limit: int) -> tuple[int, str, str]:
+    return BODY_TOO_LARGE.status, BODY_TOO_LARGE.message.format(limit=limit), BODY_TOO_LARGE.code
 
 
 def with_proxy_fast_path(site: ASGIApp, prefix: str) -> ASGIApp:

@@ -16,11 +16,43 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from django.utils.module_loading import import_string
 
 from openrouter_proxy.db import run_db
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """Limits the site puts on one key, each optional (``None``: no limit).
+
+    ``spend_limit`` caps the key's spend in total and ``daily_spend_limit``
+    its spend per UTC day (US dollars, ``Decimal``); ``requests_per_minute``
+    caps how many billed requests it may start in any 60 seconds. They are
+    enforced at admission, with the caller's credit.
+    """
+
+    spend_limit: Decimal | None = None
+    daily_spend_limit: Decimal | None = None
+    requests_per_minute: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("spend_limit", "daily_spend_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Decimal) or not value >= 0):
+                raise ValueError(f"{name} must be a non-negative Decimal or None, not {value!r}")
+        rate = self.requests_per_minute
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int) or rate < 1):
+            raise ValueError(f"requests_per_minute must be a positive int or None, not {rate!r}")
+
+    def __bool__(self) -> bool:
+        return (
+            self.spend_limit is not None
+            or self.daily_spend_limit is not None
+            or self.requests_per_minute is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +63,10 @@ class Caller:
     key_id: int | None = None
     # Public, loggable label of the key (never the secret), e.g. its prefix.
     key_label: str = ""
+    # The key's own limits, if the site sets any. A verified caller is cached
+    # for OPENROUTER_PROXY_KEY_CACHE_SECONDS, so a change of limits takes
+    # effect within that time.
+    limits: KeyLimits | None = None
 
     @property
     def user_id(self) -> int:
@@ -127,10 +163,12 @@ async def verify_token(token: str) -> Caller | None:
 
 
 def extract_token(headers: Callable[[str], str | None]) -> str | None:
-    """The token of a request: ``X-Daemon-Token``, else ``Authorization: Bearer``.
+    """The token of a request, from the headers the clients use.
 
-    ``headers`` looks a header up by lower-case name. Returns ``None`` when the
-    request carries no token at all.
+    ``X-Daemon-Token`` first, then ``Authorization: Bearer`` (the OpenAI SDKs,
+    Claude Code's ``ANTHROPIC_AUTH_TOKEN``), then ``x-api-key`` (the Anthropic
+    SDK). ``headers`` looks a header up by lower-case name. Returns ``None``
+    when the request carries no token at all. None of them goes upstream.
     """
     daemon = (headers("x-daemon-token") or "").strip()
     if daemon:
@@ -139,4 +177,5 @@ def extract_token(headers: Callable[[str], str | None]) -> str | None:
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return None
+    api_key = (headers("x-api-key") or "").strip()
+    return api_key or None

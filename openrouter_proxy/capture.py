@@ -41,6 +41,7 @@ from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
 from billing.usage import ReportedUsage
+from openrouter_proxy.endpoints import Reader
 
 logger = logging.getLogger(__name__)
 
@@ -127,19 +128,64 @@ def _clip(value: object) -> str:
 
 
 def _usage_from(raw: dict[str, Any]) -> ReportedUsage:
-    """Map an OpenRouter ``usage`` object onto the usage fields only."""
-    prompt_details = _mapping(raw.get("prompt_tokens_details"))
-    completion_details = _mapping(raw.get("completion_tokens_details"))
+    """Map an OpenRouter ``usage`` object (OpenAI's names) onto the usage fields.
+
+    Endpoints other than chat name some counts as the Responses API does
+    (``input_tokens``/``output_tokens``: transcriptions); those are read when
+    the OpenAI names are absent.
+    """
+    prompt_details = _mapping(raw.get("prompt_tokens_details")) or _mapping(
+        raw.get("input_tokens_details")
+    )
+    completion_details = _mapping(raw.get("completion_tokens_details")) or _mapping(
+        raw.get("output_tokens_details")
+    )
     cost_details = _mapping(raw.get("cost_details"))
+    prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
+    completion = raw.get("completion_tokens", raw.get("output_tokens"))
     return ReportedUsage(
-        prompt_tokens=_token_count(raw.get("prompt_tokens")),
-        completion_tokens=_token_count(raw.get("completion_tokens")),
+        prompt_tokens=_token_count(prompt),
+        completion_tokens=_token_count(completion),
         cached_tokens=_token_count(prompt_details.get("cached_tokens")),
         cache_write_tokens=_token_count(prompt_details.get("cache_write_tokens")),
         reasoning_tokens=_token_count(completion_details.get("reasoning_tokens")),
         cost=_amount(raw.get("cost")),
         upstream_inference_cost=_amount(cost_details.get("upstream_inference_cost")),
         is_byok=raw.get("is_byok") is True,
+    )
+
+
+def _anthropic_usage_from(raw: dict[str, Any], earlier: ReportedUsage | None) -> ReportedUsage:
+    """Map an Anthropic ``usage`` object onto the usage fields.
+
+    Anthropic counts ``input_tokens`` *without* the cache reads and writes;
+    the record's ``prompt_tokens`` includes them (as OpenRouter's chat usage
+    does). A stream says the input counts in ``message_start`` and the final
+    output count in ``message_delta``: a field a later object leaves out keeps
+    its earlier value.
+    """
+    base = earlier or ReportedUsage()
+    fresh = _token_count(raw.get("input_tokens"))
+    read = _token_count(raw.get("cache_read_input_tokens"))
+    written = _token_count(raw.get("cache_creation_input_tokens"))
+    if fresh is None and read is None and written is None:
+        prompt = base.prompt_tokens
+        read, written = base.cached_tokens, base.cache_write_tokens
+    else:
+        prompt = (fresh or 0) + (read or 0) + (written or 0)
+    completion = _token_count(raw.get("output_tokens"))
+    cost_details = _mapping(raw.get("cost_details"))
+    cost = _amount(raw.get("cost"))
+    upstream = _amount(cost_details.get("upstream_inference_cost"))
+    return ReportedUsage(
+        prompt_tokens=prompt,
+        completion_tokens=base.completion_tokens if completion is None else completion,
+        cached_tokens=read,
+        cache_write_tokens=written,
+        reasoning_tokens=base.reasoning_tokens,
+        cost=base.cost if cost is None else cost,
+        upstream_inference_cost=base.upstream_inference_cost if upstream is None else upstream,
+        is_byok=base.is_byok or raw.get("is_byok") is True,
     )
 
 
@@ -150,20 +196,36 @@ def _loads(text: bytes | bytearray) -> object:
     return json.loads(text.decode("utf-8-sig", "replace"), parse_float=Decimal)
 
 
+#: Responses API stream events that end a response; each carries all of it.
+_RESPONSE_ENDS: Final = frozenset(
+    {"response.completed", "response.incomplete", "response.failed", "response.done"}
+)
+
+
 class _Facts:
-    """The billing facts gathered from the parsed JSON objects of a response."""
+    """The billing facts gathered from the parsed JSON objects of a response.
+
+    ``reader`` names the response shape (see ``endpoints.Reader``): OpenAI's
+    chat chunks and bodies, the Responses API's typed events, Anthropic's
+    Messages events, or any body with an OpenAI-style ``usage``.
+    """
 
     __slots__ = (
+        "ended",
         "error",
         "error_code",
         "error_message",
         "finish_reason",
         "generation_id",
         "model",
+        "reader",
+        "streamed",
         "usage",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, reader: str = Reader.CHAT, *, streamed: bool = False) -> None:
+        self.reader = reader
+        self.streamed = streamed
         self.generation_id: str | None = None
         self.model: str | None = None
         self.finish_reason: str | None = None
@@ -171,8 +233,18 @@ class _Facts:
         self.error = False
         self.error_code: str | None = None
         self.error_message: str | None = None
+        # A terminal event of a typed stream was seen.
+        self.ended = False
 
     def absorb(self, obj: dict[str, Any], *, first_choice_only: bool) -> None:
+        if self.reader == Reader.RESPONSES:
+            self._absorb_responses(obj)
+        elif self.reader == Reader.MESSAGES:
+            self._absorb_messages(obj)
+        else:
+            self._absorb_openai(obj, first_choice_only=first_choice_only)
+
+    def _absorb_ids(self, obj: dict[str, Any]) -> None:
         generation_id = obj.get("id")
         # Every chunk of a stream repeats the id; the first one is the one.
         if self.generation_id is None and isinstance(generation_id, str) and generation_id:
@@ -181,6 +253,9 @@ class _Facts:
         # The served model can differ from the requested one; keep the latest.
         if isinstance(model, str) and model:
             self.model = model
+
+    def _absorb_openai(self, obj: dict[str, Any], *, first_choice_only: bool) -> None:
+        self._absorb_ids(obj)
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices[:1] if first_choice_only else choices:
@@ -192,27 +267,103 @@ class _Facts:
         # Replace, never merge: a later usage object is the complete, final one.
         if isinstance(usage, dict):
             self.usage = _usage_from(usage)
+        kind = obj.get("type")
+        if isinstance(kind, str) and kind.endswith(".completed"):
+            # Typed streams of other endpoints (images) end with a completed event.
+            self.ended = True
         if "error" in obj:
             self._absorb_error(obj["error"])
 
-    def _absorb_error(self, error: object) -> None:
+    def _absorb_responses(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        response = obj.get("response")
+        if isinstance(response, dict):
+            # ``response.created`` ... ``response.completed``: each event
+            # carries the response as it stands, the last one with its usage.
+            self._absorb_response(response)
+            if kind in _RESPONSE_ENDS:
+                self.ended = True
+        elif kind == "error":
+            # A stream's error event: ``{"type": "error", "code", "message"}``.
+            self._absorb_error(
+                obj["error"] if isinstance(obj.get("error"), dict) else obj, force=True
+            )
+        elif kind is None or obj.get("object") == "response":
+            # A whole response (a JSON body), or an error body before streaming.
+            self._absorb_response(obj)
+
+    def _absorb_response(self, response: dict[str, Any]) -> None:
+        self._absorb_ids(response)
+        usage = response.get("usage")
+        if isinstance(usage, dict):
+            self.usage = _usage_from(usage)
+        status = response.get("status")
+        if isinstance(status, str) and status not in ("in_progress", "queued"):
+            self.finish_reason = status
+        error = response.get("error")
+        if error:
+            self._absorb_error(error)
+
+    def _absorb_messages(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("type")
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                self._absorb_message(message)
+        elif kind == "message_delta":
+            delta = _mapping(obj.get("delta"))
+            reason = delta.get("stop_reason")
+            if isinstance(reason, str) and reason:
+                self.finish_reason = reason
+            usage = obj.get("usage")
+            if isinstance(usage, dict):
+                self.usage = _anthropic_usage_from(usage, self.usage)
+        elif kind == "message_stop":
+            self.ended = True
+        elif kind == "error" or "error" in obj:
+            self._absorb_error(obj.get("error"), force=True)
+        else:
+            # A whole message: the JSON body of a request that did not stream.
+            self._absorb_message(obj)
+
+    def _absorb_message(self, message: dict[str, Any]) -> None:
+        self._absorb_ids(message)
+        reason = message.get("stop_reason")
+        if isinstance(reason, str) and reason:
+            self.finish_reason = reason
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self.usage = _anthropic_usage_from(usage, self.usage)
+
+    def _absorb_error(self, error: object, *, force: bool = False) -> None:
         if isinstance(error, dict):
             code = error.get("code")
+            if code is None and force:
+                # Anthropic's errors name their kind in ``type``.
+                code = error.get("type")
             message = error.get("message")
             self.error = True
             self.error_code = None if code is None else _clip(code)
             self.error_message = None if message is None else _clip(message)
-        elif error:
+        elif error or force:
             # Not the documented shape, but clearly an error: keep what it says.
             self.error = True
             self.error_code = None
-            self.error_message = _clip(error)
+            self.error_message = _clip(error) if error else None
 
     def report(self, header_generation_id: str | None) -> ReportedUsage:
         base = self.usage if self.usage is not None else ReportedUsage()
+        if self.reader == Reader.CHAT:
+            generation_id = self.generation_id or header_generation_id
+        else:
+            # Response ids of other shapes (``resp_...``, ``msg_...``) need not
+            # be generation ids: the header is the one to ask ``/generation``.
+            generation_id = header_generation_id or self.generation_id
         return dataclasses.replace(
             base,
-            generation_id=self.generation_id or header_generation_id,
+            generation_id=generation_id,
+            # Anthropic's stream events never say the cost (its JSON body does).
+            cost_from_stats=self.streamed and self.reader == Reader.MESSAGES,
             model=self.model,
             finish_reason=self.finish_reason,
             error_code=self.error_code,
@@ -287,7 +438,11 @@ class SSECapture:
     )
 
     def __init__(
-        self, generation_id: str | None = None, *, max_event_bytes: int = MAX_EVENT_BYTES
+        self,
+        generation_id: str | None = None,
+        *,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        reader: str = Reader.CHAT,
     ) -> None:
         self._header_generation_id = generation_id or None
         self._max_event_bytes = max_event_bytes
@@ -305,7 +460,7 @@ class SSECapture:
         self._has_data = False
         # The event outgrew the limit: discard everything up to its blank line.
         self._dropping = False
-        self._facts = _Facts()
+        self._facts = _Facts(reader, streamed=True)
         # Until one event has parsed as an object, every event is parsed, so
         # the id and the model are learnt from the first one.
         self._parsed_first = False
@@ -346,7 +501,7 @@ class SSECapture:
         return CaptureResult(
             usage=facts.report(self._header_generation_id),
             saw_usage=facts.usage is not None,
-            finished=self._done or facts.finish_reason is not None,
+            finished=self._done or facts.ended or facts.finish_reason is not None,
             error=facts.error,
             malformed_events=self._malformed,
         )
@@ -464,12 +619,20 @@ class JSONCapture:
         "_header_generation_id",
         "_max_bytes",
         "_overflowed",
+        "_reader",
         "_result",
         "_size",
     )
 
-    def __init__(self, generation_id: str | None = None, max_bytes: int = MAX_JSON_BYTES) -> None:
+    def __init__(
+        self,
+        generation_id: str | None = None,
+        max_bytes: int = MAX_JSON_BYTES,
+        *,
+        reader: str = Reader.CHAT,
+    ) -> None:
         self._header_generation_id = generation_id or None
+        self._reader = reader
         self._max_bytes = max_bytes
         # Chunks are joined once, in ``result()``: joining on every feed would
         # copy the body over and over.
@@ -506,14 +669,14 @@ class JSONCapture:
                 obj = _loads(body)
             except (ValueError, RecursionError):
                 obj = None
-        facts = _Facts()
+        facts = _Facts(self._reader)
         if isinstance(obj, dict):
             try:
                 facts.absorb(obj, first_choice_only=True)
             except Exception:
                 # As for streams: a capture bug must never reach the caller.
                 logger.exception("usage capture failed on a JSON body")
-                facts = _Facts()
+                facts = _Facts(self._reader)
                 obj = None
         return CaptureResult(
             usage=facts.report(self._header_generation_id),
@@ -524,9 +687,39 @@ class JSONCapture:
         )
 
 
-def capture_for(content_type: str | None, generation_id: str | None = None) -> UsageCapture:
-    """The capture for a response of this ``Content-Type``."""
+class BinaryCapture:
+    """Capture of a body that carries no usage (audio bytes): nothing is kept.
+
+    The generation id comes from the ``X-Generation-Id`` header, and the cost
+    from the generation stats once the body has ended.
+    """
+
+    __slots__ = ("_header_generation_id", "_size")
+
+    def __init__(self, generation_id: str | None = None) -> None:
+        self._header_generation_id = generation_id or None
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+
+    def result(self) -> CaptureResult:
+        return CaptureResult(
+            usage=ReportedUsage(generation_id=self._header_generation_id, cost_from_stats=True),
+            saw_usage=False,
+            finished=False,
+            error=False,
+            malformed_events=0,
+        )
+
+
+def capture_for(
+    content_type: str | None, generation_id: str | None = None, reader: str = Reader.CHAT
+) -> UsageCapture:
+    """The capture for a response of this ``Content-Type`` from an endpoint of this shape."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if media_type == "text/event-stream":
-        return SSECapture(generation_id)
-    return JSONCapture(generation_id)
+        return SSECapture(generation_id, reader=reader)
+    if reader == Reader.BINARY and media_type != "application/json":
+        return BinaryCapture(generation_id)
+    return JSONCapture(generation_id, reader=reader)

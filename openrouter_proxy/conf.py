@@ -43,6 +43,11 @@ class ProxySettings:
         return tuple(self._get("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS))
 
     @property
+    def ENDPOINTS(self) -> tuple[Any, ...]:
+        """A host's own entries for the endpoint table (see ``endpoints.py``)."""
+        return tuple(self._get("ENDPOINTS", ()))
+
+    @property
     def MAX_BODY_BYTES(self) -> int:
         return int(self._get("MAX_BODY_BYTES", 32 * 1024 * 1024))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from django.http import HttpResponse
 
@@ -18,6 +20,7 @@ ERROR_TYPES = {
     402: "insufficient_quota",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -57,3 +60,57 @@ def error_response(
     if retry is not None:
         response["x-should-retry"] = "true" if retry else "false"
     return response
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One way the gateway refuses a request: its status, code and message."""
+
+    status: int
+    code: str
+    message: str
+    #: Tells the OpenAI SDKs whether a retry can help (``x-should-retry``).
+    retry: bool | None = None
+
+    def response(self, headers: Mapping[str, str] | None = None, **details: Any) -> HttpResponse:
+        return error_response(
+            self.status,
+            self.message.format(**details) if details else self.message,
+            self.code,
+            headers=headers,
+            retry=self.retry,
+        )
+
+
+# Every refusal of the proxy, in one table. Messages with ``{placeholders}``
+# are formatted with the details the refusing code passes.
+MISSING_API_KEY = Refusal(
+    401,
+    "missing_api_key",
+    "Missing API key: send it as `X-Daemon-Token`, `Authorization: Bearer` or `x-api-key`.",
+)
+INVALID_API_KEY = Refusal(401, "invalid_api_key", "Invalid API key.")
+NOT_CONFIGURED = Refusal(503, "not_configured", "The gateway has no OpenRouter API key configured.")
+DB_DOWN = Refusal(
+    503, "db_down", "The gateway's database is unavailable; try again shortly.", retry=True
+)
+BODY_TOO_LARGE = Refusal(413, "body_too_large", "The request body is larger than {limit} bytes.")
+INVALID_PATH = Refusal(400, "invalid_path", "This path cannot be proxied ({reason}).")
+ENDPOINT_NOT_AVAILABLE = Refusal(
+    404, "endpoint_not_available", "`{path}` is not available through this gateway."
+)
+METHOD_NOT_ALLOWED = Refusal(
+    405, "method_not_allowed", "`{method}` is not allowed on `{path}` through this gateway."
+)
+GENERATION_NOT_FOUND = Refusal(404, "generation_not_found", "No generation of yours has this id.")
+MISSING_GENERATION_ID = Refusal(
+    400, "invalid_generation_id", "Ask for exactly one generation: `?id=<generation id>`."
+)
+INSUFFICIENT_CREDITS = Refusal(
+    402, "insufficient_credits", "You have no credit left. Top up to continue."
+)
+TOO_MANY_IN_FLIGHT = Refusal(
+    429,
+    "too_many_in_flight",
+    "Too many requests in flight for this account; retry when one finishes.",
+)

@@ -16,16 +16,14 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-DEFAULT_PATH = "v1/chat/completions"
-BILLED_ENDPOINTS = {
-    "v1/chat/completions": "chat/completions",
-    "v1/completions": "completions",
-}
+from openrouter_proxy.endpoints import DEFAULT_PATH
 
 # RFC 3986 pchar: unreserved / pct-encoded / sub-delims / ":" / "@".
 _RAW_SEGMENT = re.compile(rb"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})+$")
 _RAW_QUERY = re.compile(rb"^(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
 
 class UnsafePath(ValueError):
@@ -62,6 +60,25 @@ def check_path(raw_path: bytes) -> str:
     return raw_path.decode("ascii")
 
 
+def _normalise_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def canonical_path(checked: str) -> str:
+    """The normal form of a checked path (RFC 3986 6.2.2.1 and 6.2.2.2).
+
+    Percent-encoded unreserved characters are decoded (``complet%69ons`` is
+    ``completions`` to every server) and the hex digits of the remaining
+    escapes are upper-cased. The endpoint table is consulted with this form,
+    and this form is what goes upstream, so no spelling of a metered path can
+    reach the upstream as something else.
+    """
+    if "%" not in checked:
+        return checked
+    return _ESCAPE.sub(_normalise_escape, checked)
+
+
 def check_query(raw_query: bytes) -> bytes:
     if not _RAW_QUERY.match(raw_query):
         raise UnsafePath("character not allowed in the query string")
@@ -70,7 +87,17 @@ def check_query(raw_query: bytes) -> bytes:
 
 def build_upstream_url(base_url: str, raw_path: bytes, raw_query: bytes = b"") -> httpx.URL:
     """The upstream URL for a proxied request; raises :class:`UnsafePath`."""
-    path = check_path(raw_path)
+    return upstream_target(base_url, raw_path, raw_query)[1]
+
+
+def upstream_target(
+    base_url: str, raw_path: bytes, raw_query: bytes = b""
+) -> tuple[str, httpx.URL]:
+    """The canonical path (for the endpoint table) and the upstream URL it goes to.
+
+    Raises :class:`UnsafePath`.
+    """
+    path = canonical_path(check_path(raw_path))
     query = check_query(raw_query)
     base = urlsplit(base_url)
     target = f"{base.path.rstrip('/')}/{path}".encode("ascii")
@@ -87,12 +114,7 @@ def build_upstream_url(base_url: str, raw_path: bytes, raw_query: bytes = b"") -
         or not url.raw_path.startswith(prefix)
     ):
         raise UnsafePath("target outside the upstream base URL")
-    return url
-
-
-def billed_endpoint(path: str) -> str | None:
-    """The usage-recorded endpoint a path names, or None."""
-    return BILLED_ENDPOINTS.get(path)
+    return path, url
 
 
 HOP_BY_HOP = frozenset(
@@ -116,6 +138,7 @@ _DROP_REQUEST = HOP_BY_HOP | {
     "content-length",
     "authorization",
     "x-daemon-token",
+    "x-api-key",
     "cookie",
     "accept-encoding",
     "expect",

@@ -11,16 +11,13 @@ reads a copy beside them for usage.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
-from fnmatch import fnmatchcase
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import httpx
 from django.db import DatabaseError, transaction
@@ -28,7 +25,14 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from billing.models import Outcome
-from billing.services import Admission, UsageDraft, admit_request, balance_of, release_request
+from billing.services import (
+    Admission,
+    UsageDraft,
+    admit_request,
+    balance_of,
+    generation_belongs_to,
+    release_request,
+)
 from billing.spool import record_usage_durably
 from billing.usage import ReportedUsage
 from openrouter_proxy import observability
@@ -37,14 +41,29 @@ from openrouter_proxy.capture import CaptureResult, UsageCapture, capture_for
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers, preflight_response
 from openrouter_proxy.db import run_db
-from openrouter_proxy.errors import error_body, error_response
+from openrouter_proxy.endpoints import Endpoint, Policy, endpoint_for
+from openrouter_proxy.errors import (
+    BODY_TOO_LARGE,
+    DB_DOWN,
+    ENDPOINT_NOT_AVAILABLE,
+    GENERATION_NOT_FOUND,
+    INVALID_API_KEY,
+    INVALID_PATH,
+    METHOD_NOT_ALLOWED,
+    MISSING_API_KEY,
+    MISSING_GENERATION_ID,
+    NOT_CONFIGURED,
+    Refusal,
+    error_body,
+    error_response,
+)
+from openrouter_proxy.policy import BodyFacts, PolicyRefusal, inspect_body
 from openrouter_proxy.routing import (
-    DEFAULT_PATH,
     UnsafePath,
-    billed_endpoint,
     build_upstream_url,
     client_response_headers,
     upstream_request_headers,
+    upstream_target,
 )
 from openrouter_proxy.settlement import run_in_background, settle_from_generation
 from openrouter_proxy.upstream import get_client
@@ -120,50 +139,6 @@ async def read_body(request: HttpRequest, limit: int) -> bytes:
     if len(body) > limit:
         raise BodyTooLarge
     return body
-
-
-def model_allowed(model: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(model, pattern) for pattern in patterns)
-
-
-@dataclass(slots=True)
-class BodyFacts:
-    model: str = ""
-    stream: bool = False
-
-
-def inspect_body(body: bytes, content_type: str) -> BodyFacts | HttpResponse | None:
-    """Check a billed endpoint's JSON body: model present and allowed.
-
-    Returns facts, an error response, or None for a body that is not JSON
-    (forwarded untouched, as the original route did).
-    """
-    if not body.strip():
-        return None
-    try:
-        # Parse as leniently as any upstream parser might: the encoding is
-        # detected as JSON allows (UTF-8, -16 or -32), bad bytes are replaced,
-        # and integers become Decimals (Python's int refuses more than
-        # 4,300 digits), so no body the upstream would read slips past the
-        # allowlist.
-        text = body.decode(json.detect_encoding(body), "replace")
-        payload = json.loads(text, parse_int=Decimal)
-    except RecursionError:
-        return error_response(400, "The JSON body is nested too deeply.", "invalid_json")
-    except ValueError:
-        return None
-    if not isinstance(payload, dict) or "model" not in payload:
-        return error_response(400, "The request body must name a `model`.", "missing_model")
-    model = payload["model"]
-    if not isinstance(model, str) or not model:
-        return error_response(400, "`model` must be a non-empty string.", "invalid_model")
-    if not model_allowed(model, proxy_settings.ALLOWED_MODELS):
-        return error_response(
-            400,
-            f"The model `{model[:200]}` is not available through this gateway.",
-            "model_not_allowed",
-        )
-    return BodyFacts(model=model, stream=payload.get("stream") is True)
 
 
 def _with_cors(response: ResponseT, cors: dict[str, str]) -> ResponseT:
@@ -313,61 +288,83 @@ async def proxy(
         observability.request_refused(status, code)
         return error_response(status, message, code, headers=cors, **kwargs)
 
+    def refuse(refusal: Refusal, **details: Any) -> HttpResponse:
+        observability.request_refused(refusal.status, refusal.code)
+        return refusal.response(cors, **details)
+
+    query = raw_query(request)
     try:
         path = raw_remainder(request, upstream_path)
-        url = build_upstream_url(proxy_settings.BASE_URL, path, raw_query(request))
+        canonical, url = upstream_target(proxy_settings.BASE_URL, path, query)
     except UnsafePath as unsafe:
-        return fail(400, f"This path cannot be proxied ({unsafe}).", "invalid_path")
+        return refuse(INVALID_PATH, reason=unsafe)
 
     token = extract_token(_header_lookup(request))
     if token is None:
-        return fail(
-            401,
-            "Missing API key: send it as `X-Daemon-Token` or `Authorization: Bearer`.",
-            "missing_api_key",
-        )
+        return refuse(MISSING_API_KEY)
     api_key = proxy_settings.API_KEY
     if not api_key:
-        return fail(503, "The gateway has no OpenRouter API key configured.", "not_configured")
+        return refuse(NOT_CONFIGURED)
 
     try:
         caller = await verify_token(token)
     except ApiKeyRejected as rejected:
-        return fail(401, str(rejected), "invalid_api_key")
+        return fail(401, str(rejected), INVALID_API_KEY.code)
     except DatabaseError:
         logger.exception("key verification failed: database unavailable")
-        return fail(503, "The gateway's database is unavailable; try again shortly.", "db_down")
+        return refuse(DB_DOWN)
     if caller is None:
-        return fail(401, "Invalid API key.", "invalid_api_key")
+        return refuse(INVALID_API_KEY)
+
+    method = request.method or "GET"
+    entry = endpoint_for(canonical)
+    if entry.policy is Policy.CLOSED:
+        return refuse(ENDPOINT_NOT_AVAILABLE, path=canonical[:200])
+    if not entry.allows(method):
+        response = refuse(METHOD_NOT_ALLOWED, method=method[:20], path=canonical[:200])
+        response["Allow"] = ", ".join(sorted(entry.methods))
+        return response
 
     try:
         body = await read_body(request, proxy_settings.MAX_BODY_BYTES)
     except BodyTooLarge:
-        return fail(
-            413,
-            f"The request body is larger than {proxy_settings.MAX_BODY_BYTES} bytes.",
-            "body_too_large",
+        return refuse(BODY_TOO_LARGE, limit=proxy_settings.MAX_BODY_BYTES)
+
+    if entry.policy is Policy.OWN_GENERATION:
+        generation_id = _single_generation_id(query)
+        if generation_id is None:
+            return refuse(MISSING_GENERATION_ID)
+        try:
+            owned = await run_db(generation_belongs_to, caller.user_id, generation_id)
+        except DatabaseError:
+            logger.exception("generation lookup failed: database unavailable")
+            return refuse(DB_DOWN)
+        if not owned:
+            return refuse(GENERATION_NOT_FOUND)
+        # Forward exactly the one id that was checked, however the query spelt it.
+        url = build_upstream_url(
+            proxy_settings.BASE_URL, path, b"id=" + quote(generation_id, safe="").encode()
         )
+        return await _forward(request, url, body, api_key, cors, None, entry, fail)
 
-    endpoint = billed_endpoint(path.decode("ascii") or DEFAULT_PATH)
+    if entry.policy is Policy.OPEN:
+        return await _forward(request, url, body, api_key, cors, None, entry, fail)
+
     facts = BodyFacts()
-    if endpoint is not None and request.method == "POST":
-        inspected = inspect_body(body, request.content_type or "")
-        if isinstance(inspected, HttpResponse):
-            observability.request_refused(inspected.status_code, "invalid_body")
-            return _with_cors(inspected, cors)
-        if inspected is not None:
-            facts = inspected
+    inspected = inspect_body(
+        body, request.content_type or "", proxy_settings.ALLOWED_MODELS, entry.body
+    )
+    if isinstance(inspected, PolicyRefusal):
+        return fail(400, inspected.message, inspected.code)
+    if inspected is not None:
+        facts = inspected
+    endpoint = entry.name
 
-    exchange: Exchange | None = None
     try:
-        if endpoint is not None:
-            admission = await _admit(caller.user_id)
-        else:
-            admission = await run_db(_has_credit, caller.user_id)
+        admission = await _admit(caller.user_id)
     except DatabaseError:
         logger.exception("credit check failed: database unavailable")
-        return fail(503, "The gateway's database is unavailable; try again shortly.", "db_down")
+        return refuse(DB_DOWN)
     if admission is Admission.NO_CREDIT:
         return fail(402, "You have no credit left. Top up to continue.", "insufficient_credits")
     if admission is Admission.TOO_MANY_IN_FLIGHT:
@@ -378,12 +375,35 @@ async def proxy(
         )
         response["Retry-After"] = "1"
         return response
-    if endpoint is not None:
-        exchange = Exchange(
-            caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
-        )
-        observability.billed_request_started()
+    exchange = Exchange(
+        caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
+    )
+    observability.billed_request_started()
+    return await _forward(request, url, body, api_key, cors, exchange, entry, fail)
 
+
+def _single_generation_id(raw: bytes) -> str | None:
+    """The one ``id`` a generation-stats query names, or None if it is not exactly one."""
+    try:
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=True)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if len(pairs) != 1 or pairs[0][0] != "id" or not pairs[0][1] or len(pairs[0][1]) > 200:
+        return None
+    return pairs[0][1]
+
+
+async def _forward(
+    request: HttpRequest,
+    url: httpx.URL,
+    body: bytes,
+    api_key: str,
+    cors: dict[str, str],
+    exchange: Exchange | None,
+    entry: Endpoint,
+    fail: Callable[..., HttpResponse],
+) -> HttpResponse | StreamingHttpResponse:
+    """Send the request upstream and stream the answer back (recording it if metered)."""
     client = get_client()
     upstream_request = client.build_request(
         request.method or "GET",
@@ -415,7 +435,7 @@ async def proxy(
     content_type = upstream.headers.get("content-type", "")
     is_sse = content_type.lower().startswith(SSE_CONTENT_TYPE)
     capture = (
-        capture_for(content_type, upstream.headers.get("x-generation-id"))
+        capture_for(content_type, upstream.headers.get("x-generation-id"), entry.reader)
         if exchange is not None
         else None
     )

@@ -49,6 +49,11 @@ def _isolated_settings(settings: Any, tmp_path: Any) -> None:
     settings.BILLING_RECORD_RETRY_DELAY = 0.01
     # Tests revoke and expire keys and expect the next request to see it.
     settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0
+    settings.OPENROUTER_PROXY_ENDPOINTS = ECHO_ENDPOINTS
+
+
+#: The fake's echo route, opened for the tests of what crosses the proxy.
+ECHO_ENDPOINTS = [{"path": "echo/**", "policy": "open", "methods": ["GET", "POST", "PUT"]}]
 
 
 BROKEN_VERIFIER = "tests.conftest.broken_verifier"

@@ -283,7 +283,10 @@ def test_secrets_never_leak_and_client_credentials_never_reach_upstream(
         "bad model": call(b"POST", b"", auth, b'{"model": "openai/gpt-5"}'),
         "missing key": call(b"GET", b"/v1/models", []),
         "bad key": call(b"GET", b"/v1/models", [(b"X-Daemon-Token", b"tg_nope")]),
-        "no credit": call(b"GET", b"/v1/models", [(b"X-Daemon-Token", broke.token.encode())]),
+        "no credit": call(
+            b"POST", b"/v1/chat/completions", [(b"X-Daemon-Token", broke.token.encode())], chat
+        ),
+        "closed path": call(b"GET", b"/v1/key", auth),
         "hostile headers": call(b"GET", b"/echo/x", [(b"X-Daemon-Token", token), *hostile_headers]),
         "host trick": call(
             b"GET", b"/echo/x", [(b"X-Daemon-Token", token)], host=b"evil.example:443"

@@ -23,7 +23,9 @@ BASE = "https://openrouter.ai/api"
         (b"v1/models", b"", "https://openrouter.ai/api/v1/models"),
         (b"v1/generation", b"id=gen-1", "https://openrouter.ai/api/v1/generation?id=gen-1"),
         (b"v1/models", b"a=%20b+c&d=e%2Bf", "https://openrouter.ai/api/v1/models?a=%20b+c&d=e%2Bf"),
-        (b"v1/models/x-ai%2Dgrok", b"", "https://openrouter.ai/api/v1/models/x-ai%2Dgrok"),
+        # Escapes of unreserved characters are decoded: the canonical path goes upstream.
+        (b"v1/models/x-ai%2Dgrok", b"", "https://openrouter.ai/api/v1/models/x-ai-grok"),
+        (b"v1/files/a%3ab%7e", b"", "https://openrouter.ai/api/v1/files/a%3Ab~"),
         (b"v1/models/qwen:exacto", b"", "https://openrouter.ai/api/v1/models/qwen:exacto"),
         (b"v1/a@b", b"q=1?2/3", "https://openrouter.ai/api/v1/a@b?q=1?2/3"),
     ],
