@@ -1,4 +1,4 @@
-"""The billing REST API: a caller's balance, usage and ledger.
+"""The billing REST API: a caller's balance, usage, ledger and keys.
 
 Authenticated by the site's DRF authentication (the proxy's API keys in the
 Terragon site). Lists are newest first, paginated with ``count``, ``next``
@@ -15,6 +15,7 @@ from typing import Any
 
 from django.db import DatabaseError
 from django.db.models import Q, QuerySet
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.utils.timezone import is_naive, make_aware
 from drf_spectacular.types import OpenApiTypes
@@ -31,7 +32,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
 
-from billing.models import CreditLedgerEntry, UsageRecord
+from billing.models import CreditLedgerEntry, KeyMeter, UsageRecord
 from billing.money import format_usd
 from billing.services import balance_of
 
@@ -219,6 +220,9 @@ class _TimeFilteredList(BillingAPIView, ListAPIView):  # type: ignore[type-arg]
     parameters=[
         *TIME_RANGE,
         OpenApiParameter("model", str, description="Served or requested model id."),
+        OpenApiParameter(
+            "endpoint", str, description="Endpoint, e.g. `chat/completions` or `messages`."
+        ),
     ],
     responses={200: UsageRecordSerializer(many=True), **ERRORS},
 )
@@ -230,6 +234,9 @@ class UsageListView(_TimeFilteredList):
         model = self.request.query_params.get("model")
         if model:
             queryset = queryset.filter(Q(model=model) | Q(requested_model=model))
+        endpoint = self.request.query_params.get("endpoint")
+        if endpoint:
+            queryset = queryset.filter(endpoint=endpoint)
         return self.filter_by_time(queryset)
 
 
@@ -246,3 +253,57 @@ class LedgerListView(_TimeFilteredList):
             "-created_at", "-id"
         )
         return self.filter_by_time(queryset)
+
+
+# --- The caller's keys: spend beside limits -----------------------------------------------
+
+
+class KeyMeterSerializer(serializers.ModelSerializer):  # type: ignore[type-arg]
+    key_id = serializers.IntegerField(source="api_key_id")
+    current = serializers.SerializerMethodField(
+        help_text="Whether this is the key the request was made with."
+    )
+    spent = MoneyString(help_text="The key's usage charges in total.")
+    spent_today = serializers.SerializerMethodField(
+        help_text="The key's usage charges today (UTC)."
+    )
+    spend_limit = MoneyString(allow_null=True)
+    daily_spend_limit = MoneyString(allow_null=True)
+
+    class Meta:
+        model = KeyMeter
+        fields = [
+            "key_id",
+            "label",
+            "current",
+            "spent",
+            "spent_today",
+            "spend_limit",
+            "daily_spend_limit",
+            "requests_per_minute",
+        ]
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_current(self, meter: KeyMeter) -> bool:
+        caller = self.context["request"].auth
+        return getattr(caller, "key_id", None) == meter.api_key_id
+
+    @extend_schema_field(MoneyString())
+    def get_spent_today(self, meter: KeyMeter) -> str:
+        return format_usd(meter.spent_on(timezone.now().astimezone(UTC).date()))
+
+
+@extend_schema(
+    summary="The caller's API keys: spend in total and today (UTC), beside their limits",
+    description=(
+        "Keys that have been charged or have limits. Limits are empty when not set; "
+        "the account's balance applies to every key."
+    ),
+    responses={200: KeyMeterSerializer(many=True), **ERRORS},
+)
+class KeyListView(BillingAPIView, ListAPIView):  # type: ignore[type-arg]
+    serializer_class = KeyMeterSerializer
+    pagination_class = NewestFirstPagination
+
+    def get_queryset(self) -> QuerySet[KeyMeter]:
+        return KeyMeter.objects.filter(user=self.request.user).order_by("-api_key_id")

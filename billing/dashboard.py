@@ -1,4 +1,4 @@
-"""The operators' dashboard: spend per day and model, top users, statuses.
+"""The operators' dashboard: spend per day and model, per endpoint, top users, statuses.
 
 Drawn on the server: the daily chart is an inline SVG whose geometry is
 computed here, the other figures are HTML tables with CSS bars. No script,
@@ -192,6 +192,8 @@ def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpR
             (value, label, count, _percent(count, breakdown.total))  # type: ignore[misc]
             for value, label, count in breakdown.rows
         ]
+    by_endpoint = reports.spend_by_endpoint(records, periods.month)
+    endpoint_spent = sum((row.spent for row in by_endpoint), Decimal(0))
     top_users = [] if chosen is not None else reports.top_users(periods.week)
     top_spent = max((row.spent for row in top_users), default=Decimal(0))
     context = {
@@ -216,6 +218,15 @@ def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpR
                 "share": _percent(row.spent, top_spent),
             }
             for row in top_users
+        ],
+        "endpoints": [
+            {
+                "endpoint": row.endpoint,
+                "spent": format_usd(row.spent),
+                "requests": row.requests,
+                "share": _percent(row.spent, endpoint_spent),
+            }
+            for row in by_endpoint
         ],
         "breakdowns": breakdowns,
         "attention": reports.needing_attention(records),

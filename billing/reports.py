@@ -202,6 +202,25 @@ def top_users(since: datetime, limit: int = 10) -> list[TopUser]:
     ]
 
 
+@dataclass(frozen=True)
+class EndpointSpend:
+    endpoint: str
+    spent: Decimal
+    requests: int
+
+
+def spend_by_endpoint(records: QuerySet[UsageRecord], since: datetime) -> list[EndpointSpend]:
+    """Billed and requests per endpoint since ``since``, largest spend first."""
+    rows = (
+        records.filter(created_at__gte=since)
+        .order_by()
+        .values("endpoint")
+        .annotate(spent=Sum("billed"), requests=Count("*"))
+        .order_by("-spent", "endpoint")
+    )
+    return [EndpointSpend(row["endpoint"], row["spent"] or ZERO, row["requests"]) for row in rows]
+
+
 @dataclass
 class Breakdown:
     """Counts of records per value of one column, largest first."""

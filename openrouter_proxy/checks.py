@@ -85,6 +85,19 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
                     id="openrouter_proxy.E006",
                 )
             )
+    from openrouter_proxy.endpoints import entries_from_setting
+
+    try:
+        entries_from_setting(proxy_settings.ENDPOINTS)
+    except (TypeError, ValueError) as error:
+        messages.append(
+            Error(
+                f"OPENROUTER_PROXY_ENDPOINTS has an invalid entry: {error}",
+                hint='Entries look like ("v1/models/user", "open"), ("v1/x", "metered", "usage")'
+                ' or {"path": ..., "policy": ..., "reader": ..., "methods": [...]}.',
+                id="openrouter_proxy.E007",
+            )
+        )
     if not proxy_settings.API_KEY:
         messages.append(
             Warning(

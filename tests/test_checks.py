@@ -38,12 +38,39 @@ def test_defaults_are_clean(settings: Any) -> None:
         ("OPENROUTER_PROXY_TRANSPORT", "curl", "openrouter_proxy.E005"),
         ("OPENROUTER_PROXY_APP_TITLE", "Terragon \u2014 gateway", "openrouter_proxy.E006"),
         ("OPENROUTER_PROXY_APP_URL", "https://x.example/\n", "openrouter_proxy.E006"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("v1/x", "sometimes")], "openrouter_proxy.E007"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("/v1/x", "open")], "openrouter_proxy.E007"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("v1/*x", "open")], "openrouter_proxy.E007"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("v1/x", "metered")], "openrouter_proxy.E007"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("v1/x", "metered", "telepathy")], "openrouter_proxy.E007"),
+        ("OPENROUTER_PROXY_ENDPOINTS", [("v1/x", "open", "usage")], "openrouter_proxy.E007"),
+        (
+            "OPENROUTER_PROXY_ENDPOINTS",
+            [("v1/generation", "own_generation")],
+            "openrouter_proxy.E007",
+        ),
+        (
+            "OPENROUTER_PROXY_ENDPOINTS",
+            [{"path": "v1/x", "policy": "open", "verbs": []}],
+            "openrouter_proxy.E007",
+        ),
+        ("OPENROUTER_PROXY_ENDPOINTS", ["v1/x"], "openrouter_proxy.E007"),
         ("OPENROUTER_PROXY_API_KEY", "", "openrouter_proxy.W001"),
     ],
 )
 def test_proxy_checks(settings: Any, name: str, value: Any, check_id: str) -> None:
     setattr(settings, name, value)
     assert check_id in ids(check_proxy_settings())
+
+
+def test_valid_endpoint_entries_pass(settings: Any) -> None:
+    settings.OPENROUTER_PROXY_ENDPOINTS = [
+        ("v1/models/user", "open"),
+        ("v1/chat/completions", "closed"),
+        ("v1/private/**", "metered", "usage"),
+        {"path": "v1/tools/{name}", "policy": "open", "methods": ["GET", "POST"]},
+    ]
+    assert check_proxy_settings() == []
 
 
 @pytest.mark.parametrize(
