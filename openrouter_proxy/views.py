@@ -352,7 +352,7 @@ async def proxy(
 
     facts = BodyFacts()
     inspected = inspect_body(
-        body, request.content_type or "", proxy_settings.ALLOWED_MODELS, entry.body
+        body, request.META.get("CONTENT_TYPE", ""), proxy_settings.ALLOWED_MODELS, entry.body
     )
     if isinstance(inspected, PolicyRefusal):
         return fail(400, inspected.message, inspected.code)
@@ -361,20 +361,13 @@ async def proxy(
     endpoint = entry.name
 
     try:
-        admission = await _admit(caller.user_id)
+        admission, retry_after = await _admit(caller)
     except DatabaseError:
         logger.exception("credit check failed: database unavailable")
         return refuse(DB_DOWN)
-    if admission is Admission.NO_CREDIT:
-        return fail(402, "You have no credit left. Top up to continue.", "insufficient_credits")
-    if admission is Admission.TOO_MANY_IN_FLIGHT:
-        response = fail(
-            429,
-            "Too many requests in flight for this account; retry when one finishes.",
-            "too_many_in_flight",
-        )
-        response["Retry-After"] = "1"
-        return response
+    refused = admission_refusal(admission, retry_after, refuse)
+    if refused is not None:
+        return refused
     exchange = Exchange(
         caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
     )
@@ -499,18 +492,73 @@ def _has_credit(user_id: int) -> Admission:
     return Admission.ADMITTED if balance_of(user_id) > 0 else Admission.NO_CREDIT
 
 
-async def _admit(user_id: int) -> Admission:
-    """Take a slot; if the caller is cancelled meanwhile, give it back."""
-    admitting = asyncio.ensure_future(run_db(admit_request, user_id))
+# Why billing did not admit a request, as the client sees it.
+ADMISSION_REFUSALS: dict[Admission, Refusal] = {
+    Admission.NO_CREDIT: Refusal(
+        402, "insufficient_credits", "You have no credit left. Top up to continue."
+    ),
+    Admission.TOO_MANY_IN_FLIGHT: Refusal(
+        429,
+        "too_many_in_flight",
+        "Too many requests in flight for this account; retry when one finishes.",
+    ),
+    Admission.KEY_SPEND_LIMIT: Refusal(
+        402,
+        "key_spend_limit",
+        "This API key has reached its spend limit. The account's other keys are not affected.",
+    ),
+    Admission.KEY_DAILY_SPEND_LIMIT: Refusal(
+        402,
+        "key_daily_spend_limit",
+        "This API key has reached its daily spend limit; it resets at 00:00 UTC.",
+    ),
+    Admission.RATE_LIMITED: Refusal(
+        429,
+        "rate_limited",
+        "This API key is over its rate limit; retry in {retry_after} s.",
+    ),
+}
+
+
+def admission_refusal(
+    admission: Admission, retry_after: int | None, refuse: Callable[..., HttpResponse]
+) -> HttpResponse | None:
+    """The response refusing a request billing did not admit (None: admitted).
+
+    ``Retry-After`` says when billing expects a retry to succeed: always on a
+    429, and on a daily cap (the next UTC midnight).
+    """
+    if admission is Admission.ADMITTED:
+        return None
+    refusal = ADMISSION_REFUSALS[admission]
+    if refusal.status == 429:
+        retry_after = retry_after or 1
+    response = refuse(refusal, retry_after=retry_after)
+    if retry_after is not None:
+        response["Retry-After"] = str(retry_after)
+    return response
+
+
+async def _admit(caller: Caller) -> tuple[Admission, int | None]:
+    """Admit the request (the user's credit and slots, the key's limits).
+
+    Takes a slot; if the caller is cancelled meanwhile, gives it back.
+    Returns the admission and, for a refusal, the seconds until a retry can
+    succeed when billing knows them.
+    """
+    admitting = asyncio.ensure_future(
+        run_db(admit_request, caller.user_id, caller.key_id, caller.limits, detailed=True)
+    )
     try:
-        return await asyncio.shield(admitting)
+        result = await asyncio.shield(admitting)
     except asyncio.CancelledError:
-        run_in_background(_release_if_admitted(admitting, user_id))
+        run_in_background(_release_if_admitted(admitting, caller.user_id))
         raise
+    return result.admission, result.retry_after
 
 
-async def _release_if_admitted(admitting: asyncio.Future[Admission], user_id: int) -> None:
-    if await admitting is Admission.ADMITTED:
+async def _release_if_admitted(admitting: asyncio.Future[Any], user_id: int) -> None:
+    if (await admitting).admitted:
         await run_db(release_request, user_id)
 
 
