@@ -148,11 +148,19 @@ CORS_ALLOWED_ORIGINS = env_list("BILLING_CORS_ALLOWED_ORIGINS", "")
 # The gateway.
 OPENROUTER_PROXY_API_KEY = os.environ.get("OPENROUTER_API_KEY", "")
 OPENROUTER_PROXY_BASE_URL = os.environ.get("OPENROUTER_BASE_URL", "https://openrouter.ai/api")
+if os.environ.get("OPENROUTER_ALLOWED_MODELS"):
+    OPENROUTER_PROXY_ALLOWED_MODELS = env_list("OPENROUTER_ALLOWED_MODELS", "")
 TERRAGON_API_KEY_PEPPER = os.environ.get("TERRAGON_API_KEY_PEPPER", SECRET_KEY)
 BILLING_SPOOL_DIR = Path(os.environ.get("BILLING_SPOOL_DIR", VAR_DIR / "spool"))
 BILLING_MARKUP = os.environ.get("BILLING_MARKUP", "1")
 BILLING_MAX_IN_FLIGHT = int(os.environ.get("BILLING_MAX_IN_FLIGHT", "8"))
 BILLING_CREDITS_LOW_THRESHOLD = os.environ.get("BILLING_CREDITS_LOW_THRESHOLD", "5")
+# The window of a key's request rate (tests shorten it; keep 60 for "per minute").
+BILLING_RATE_WINDOW_SECONDS = os.environ.get("BILLING_RATE_WINDOW_SECONDS", "60")
+# Limits of the keys /api/internal/daemon-token issues (empty: none).
+TERRAGON_DAEMON_TOKEN_SPEND_LIMIT = os.environ.get("DAEMON_TOKEN_SPEND_LIMIT", "")
+TERRAGON_DAEMON_TOKEN_DAILY_SPEND_LIMIT = os.environ.get("DAEMON_TOKEN_DAILY_SPEND_LIMIT", "")
+TERRAGON_DAEMON_TOKEN_RPM = os.environ.get("DAEMON_TOKEN_RPM", "")
 
 LOGGING = {
     "version": 1,
