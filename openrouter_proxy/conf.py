@@ -17,7 +17,7 @@ DEFAULT_ALLOWED_MODELS = (
     "moonshotai/kimi-k2*",
     "z-ai/glm-4.6*",
 )
-DEFAULT_CORS_ALLOW_HEADERS = "authorization, content-type, x-daemon-token"
+DEFAULT_CORS_ALLOW_HEADERS = "authorization, content-type, x-daemon-token, x-api-key"
 
 
 class ProxySettings:

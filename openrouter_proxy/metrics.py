@@ -70,8 +70,8 @@ TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, float("inf"))
 
 REQUESTS = Counter(
     "openrouter_proxy_requests",
-    "Billed requests that ended, by served model, outcome and upstream HTTP status.",
-    ["model", "outcome", "status"],
+    "Billed requests that ended, by endpoint, served model, outcome and upstream HTTP status.",
+    ["endpoint", "model", "outcome", "status"],
 )
 RECORDED = Counter(
     "openrouter_proxy_usage_records",

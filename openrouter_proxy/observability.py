@@ -39,7 +39,9 @@ def billed_request_finished(draft: UsageDraft, recorded: Recorded | None) -> Non
         metrics.IN_FLIGHT.dec()
         model = draft.usage.model or draft.requested_model or "unknown"
         status = str(draft.http_status) if draft.http_status is not None else "none"
-        metrics.REQUESTS.labels(model=model, outcome=draft.outcome, status=status).inc()
+        metrics.REQUESTS.labels(
+            endpoint=draft.endpoint, model=model, outcome=draft.outcome, status=status
+        ).inc()
         if recorded is None:
             settlement = "spooled"
         elif recorded.settlement is None:

@@ -86,7 +86,12 @@ def test_hooks_count_requests_latency_refusals_and_charges(account: Account) -> 
     names = [
         (
             "openrouter_proxy_requests_total",
-            {"outcome": "completed", "status": "200", "model": GROK},
+            {
+                "endpoint": "chat/completions",
+                "outcome": "completed",
+                "status": "200",
+                "model": GROK,
+            },
         ),
         ("openrouter_proxy_usage_records_total", {"settlement": "settled"}),
         ("openrouter_proxy_upstream_latency_seconds_count", {"model": GROK}),

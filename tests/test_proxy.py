@@ -385,7 +385,7 @@ def test_preflight_default_headers_and_star_without_origin(gateway: Gateway) -> 
     assert "access-control-allow-credentials" not in response.headers
     assert (
         response.headers["access-control-allow-headers"]
-        == "authorization, content-type, x-daemon-token"
+        == "authorization, content-type, x-daemon-token, x-api-key"
     )
 
 
