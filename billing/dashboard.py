@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
+from django.urls import reverse
 
 from billing import reports
 from billing.models import UsageRecord
@@ -164,6 +166,10 @@ def _percent(part: int | Decimal, whole: int | Decimal) -> int:
     return round(100 * part / whole) if whole else 0
 
 
+def _endpoint_filter(endpoint: str, chosen: Any) -> dict[str, Any]:
+    return {"endpoint": endpoint, **({"user": chosen.pk} if chosen is not None else {})}
+
+
 def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpResponse:
     """The dashboard page; ``admin_context`` is the admin site's ``each_context``."""
     if not request.user.has_perm("billing.view_usagerecord"):
@@ -196,6 +202,8 @@ def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpR
     endpoint_spent = sum((row.spent for row in by_endpoint), Decimal(0))
     top_users = [] if chosen is not None else reports.top_users(periods.week)
     top_spent = max((row.spent for row in top_users), default=Decimal(0))
+    dashboard = reverse("admin:billing_dashboard")
+    changelist = reverse("admin:billing_usagerecord_changelist")
     context = {
         **admin_context,
         "title": f"Spend dashboard — {chosen.get_username()}" if chosen else "Spend dashboard",
@@ -211,8 +219,8 @@ def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpR
         ],
         "top_users": [
             {
-                "user_id": row.user_id,
-                "username": row.username,
+                "label": row.username,
+                "href": f"{dashboard}?{urlencode({'user': row.user_id})}",
                 "spent": format_usd(row.spent),
                 "requests": row.requests,
                 "share": _percent(row.spent, top_spent),
@@ -221,7 +229,8 @@ def dashboard_view(request: HttpRequest, admin_context: dict[str, Any]) -> HttpR
         ],
         "endpoints": [
             {
-                "endpoint": row.endpoint,
+                "label": row.endpoint,
+                "href": f"{changelist}?{urlencode(_endpoint_filter(row.endpoint, chosen))}",
                 "spent": format_usd(row.spent),
                 "requests": row.requests,
                 "share": _percent(row.spent, endpoint_spent),
