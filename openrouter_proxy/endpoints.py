@@ -183,6 +183,8 @@ def _entry_from_setting(raw: Any) -> Endpoint:
     if isinstance(raw, Endpoint):
         pattern_segments(raw.pattern)
         return raw
+    pattern: Any
+    policy_name: Any
     if isinstance(raw, dict):
         unknown = set(raw) - {"path", "policy", "reader", "methods", "name"}
         if unknown:
@@ -196,6 +198,7 @@ def _entry_from_setting(raw: Any) -> Endpoint:
         raise ValueError("each entry is (pattern, policy), (pattern, 'metered', reader) or a dict")
     pattern_segments(pattern)
     policy = Policy(policy_name)
+    path = str(pattern)
     if policy is Policy.OWN_GENERATION:
         raise ValueError("own_generation is reserved for v1/generation")
     if (reader is not None) != (policy is Policy.METERED):
@@ -211,9 +214,9 @@ def _entry_from_setting(raw: Any) -> Endpoint:
     if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 40):
         raise ValueError(f"the name of {pattern!r} must be 1 to 40 characters")
     return Endpoint(
-        pattern,
+        path,
         policy,
-        name=(name or pattern.removeprefix("v1/")[:40]) if policy is Policy.METERED else "",
+        name=(name or path.removeprefix("v1/")[:40]) if policy is Policy.METERED else "",
         reader=Reader(reader) if reader is not None else Reader.USAGE,
         methods=allowed,
     )

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from openrouter_proxy.endpoints import BodyKind
-from openrouter_proxy.policy import BodyFacts, PolicyRefusal, form_fields, inspect_body
+from openrouter_proxy.policy import (
+    BodyFacts,
+    PolicyRefusal,
+    check_payload,
+    form_fields,
+    inspect_body,
+)
 
 SEED = ("x-ai/grok-code-fast-1", "qwen/qwen3-coder*", "moonshotai/kimi-k2*", "z-ai/glm-4.6*")
 
@@ -170,3 +179,60 @@ def test_form_fields_reads_only_named_text_fields() -> None:
         "stream": ["true"],
         "file": ['RIFF\x00\ufffd name="model"'],
     }
+
+
+def lenient_verdict(body: bytes) -> BodyFacts | PolicyRefusal | None:
+    """The policy on a body parsed only by the lenient parser."""
+    try:
+        payload = json.loads(body.decode(json.detect_encoding(body), "replace"), parse_int=Decimal)
+    except RecursionError:
+        return PolicyRefusal("invalid_json", "The JSON body is nested too deeply.")
+    except ValueError:
+        return None
+    return check_payload(payload, SEED)
+
+
+TRICKY = [
+    b'{"model": "openai/gpt-4o", "model": "x-ai/grok-code-fast-1"}',
+    b'{"model": "x-ai/grok-code-fast-1", "model": "openai/gpt-4o"}',
+    b'\xef\xbb\xbf{"model": "openai/gpt-4o"}',
+    '{"model": "openai/gpt-4o"}'.encode("utf-16-le"),
+    '{"model": "openai/gpt-4o"}'.encode("utf-32"),
+    b'{"model": "openai/gpt-4o\xff"}',
+    b'{"model": "x-ai/grok-code-fast-1\\ud800"}',
+    b'{"model": "x-ai/grok-code-fast-1", "models": ["openai/gpt-4o"], "models": []}',
+    b'{"model": "x-ai/grok-code-fast-1", "stream": true, "n": 1e999}',
+    b'{"model": "x-ai/grok-code-fast-1", "x": NaN}',
+    b'{"model": "x-ai/grok-code-fast-1", "x": ' + b"9" * 5000 + b"}",
+    b'{"model": "x-ai/grok-code-fast-1", "deep": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b'{"model": null}',
+    b'{"Model": "openai/gpt-4o", "model": "x-ai/grok-code-fast-1"}',
+    b'  {"model": "x-ai/grok-code-fast-1"}  ',
+]
+
+
+@pytest.mark.parametrize("body", TRICKY)
+def test_the_fast_parser_never_disagrees_with_the_lenient_one(body: bytes) -> None:
+    assert inspect_body(body, "application/json", SEED) == lenient_verdict(body)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(["model", "models", "stream", "x"]), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "models", "fallbacks", "preset", "stream", "messages"]),
+        json_values | st.sampled_from(["x-ai/grok-code-fast-1", "openai/gpt-4o", "z-ai/glm-4.6"]),
+        max_size=6,
+    )
+)
+def test_fast_and_lenient_parsers_agree_on_any_object(payload: dict[str, object]) -> None:
+    body = json.dumps(payload).encode()
+    assert inspect_body(body, "application/json", SEED) == lenient_verdict(body)
