@@ -33,6 +33,14 @@ class BillingSettings:
         return int(self._get("IN_FLIGHT_LEASE", 1800))
 
     @property
+    def RATE_WINDOW_SECONDS(self) -> int:
+        """The window of a key's request rate: at most N admitted in any such window.
+
+        60 for "requests per minute"; tests shorten it to run in seconds.
+        """
+        return int(self._get("RATE_WINDOW_SECONDS", 60))
+
+    @property
     def CREDITS_LOW_THRESHOLD(self) -> Decimal:
         return Decimal(str(self._get("CREDITS_LOW_THRESHOLD", "5")))
 
@@ -48,6 +56,11 @@ class BillingSettings:
     @property
     def RECORD_RETRY_DELAY(self) -> float:
         return float(self._get("RECORD_RETRY_DELAY", 0.2))
+
+    @property
+    def KEY_ADMIN(self) -> str:
+        """The host's API key model (``"app_label.Model"``) the admin links to; empty: none."""
+        return str(self._get("KEY_ADMIN", "") or "")
 
 
 billing_settings = BillingSettings()

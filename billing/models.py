@@ -8,7 +8,7 @@ explains it, through an atomic ``UPDATE ... SET balance = balance + x``.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -225,3 +225,44 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return self.model_id
+
+
+class KeyMeter(models.Model):
+    """What billing knows of one API key: its spend, its limits, its recent admissions.
+
+    Keys belong to the site (billing sees their ids as plain integers). The
+    spend counters move only in ``billing.services``, in the same statement
+    or transaction as the ledger row of the charge, so they equal the key's
+    usage charges in the ledger: ``spent`` in total, ``spent_today`` on the
+    UTC day ``spent_day``. The limits are the ones last enforced (or set by
+    the site); ``rate_times`` holds the admission times of the key's last
+    ``requests_per_minute`` billed requests (see ``billing.services``).
+    """
+
+    api_key_id = models.BigIntegerField(unique=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="key_meters"
+    )
+    label = models.CharField(max_length=40, blank=True)
+    spent = MoneyField(default=Decimal(0), editable=False)
+    spent_today = MoneyField(default=Decimal(0), editable=False)
+    spent_day = models.DateField(null=True, blank=True, editable=False)
+    spend_limit = NullableMoneyField()
+    daily_spend_limit = NullableMoneyField()
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # A ring of fixed-width admission times (milliseconds since the epoch) and
+    # the index of the oldest, the next to be overwritten.
+    rate_times = models.TextField(blank=True, default="", editable=False)
+    rate_next = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["user_id", "api_key_id"]
+        verbose_name = "API key meter"
+
+    def __str__(self) -> str:
+        return f"key {self.label or self.api_key_id} (${self.spent})"
+
+    def spent_on(self, day: date) -> Decimal:
+        """The key's spend on a UTC day, as far as the counter knows (today's only)."""
+        return self.spent_today if self.spent_day == day else Decimal(0)

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from billing.api import BalanceView, LedgerListView, UsageListView
+from billing.api import BalanceView, KeyListView, LedgerListView, UsageListView
 
 app_name = "billing"
 
@@ -10,4 +10,5 @@ urlpatterns = [
     path("balance", BalanceView.as_view(), name="balance"),
     path("usage", UsageListView.as_view(), name="usage"),
     path("ledger", LedgerListView.as_view(), name="ledger"),
+    path("keys", KeyListView.as_view(), name="keys"),
 ]

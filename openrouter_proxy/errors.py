@@ -114,3 +114,16 @@ TOO_MANY_IN_FLIGHT = Refusal(
     "too_many_in_flight",
     "Too many requests in flight for this account; retry when one finishes.",
 )
+KEY_SPEND_LIMIT = Refusal(
+    402,
+    "key_spend_limit",
+    "This API key has reached its spend limit. The account's other keys are not affected.",
+)
+KEY_DAILY_SPEND_LIMIT = Refusal(
+    402,
+    "key_daily_spend_limit",
+    "This API key has reached its daily spend limit; it resets at 00:00 UTC.",
+)
+RATE_LIMITED = Refusal(
+    429, "rate_limited", "This API key is over its rate limit; retry in {retry_after} s."
+)

@@ -23,13 +23,13 @@ import httpx
 from django.db import DatabaseError, transaction
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import Outcome
 from billing.services import (
     Admission,
     UsageDraft,
     admit_request,
-    balance_of,
     generation_belongs_to,
     release_request,
 )
@@ -47,12 +47,17 @@ from openrouter_proxy.errors import (
     DB_DOWN,
     ENDPOINT_NOT_AVAILABLE,
     GENERATION_NOT_FOUND,
+    INSUFFICIENT_CREDITS,
     INVALID_API_KEY,
     INVALID_PATH,
+    KEY_DAILY_SPEND_LIMIT,
+    KEY_SPEND_LIMIT,
     METHOD_NOT_ALLOWED,
     MISSING_API_KEY,
     MISSING_GENERATION_ID,
     NOT_CONFIGURED,
+    RATE_LIMITED,
+    TOO_MANY_IN_FLIGHT,
     Refusal,
     error_body,
     error_response,
@@ -276,6 +281,9 @@ async def relay(
             raise broken
 
 
+# Callers authenticate by key, never by cookie: no CSRF token to ask for, with or
+# without the fast path in front.
+@csrf_exempt
 @transaction.non_atomic_requests
 async def proxy(
     request: HttpRequest, upstream_path: str = ""
@@ -488,35 +496,13 @@ async def _upstream_failure(
     return fail(status, message, code, retry=retry)
 
 
-def _has_credit(user_id: int) -> Admission:
-    return Admission.ADMITTED if balance_of(user_id) > 0 else Admission.NO_CREDIT
-
-
 # Why billing did not admit a request, as the client sees it.
 ADMISSION_REFUSALS: dict[Admission, Refusal] = {
-    Admission.NO_CREDIT: Refusal(
-        402, "insufficient_credits", "You have no credit left. Top up to continue."
-    ),
-    Admission.TOO_MANY_IN_FLIGHT: Refusal(
-        429,
-        "too_many_in_flight",
-        "Too many requests in flight for this account; retry when one finishes.",
-    ),
-    Admission.KEY_SPEND_LIMIT: Refusal(
-        402,
-        "key_spend_limit",
-        "This API key has reached its spend limit. The account's other keys are not affected.",
-    ),
-    Admission.KEY_DAILY_SPEND_LIMIT: Refusal(
-        402,
-        "key_daily_spend_limit",
-        "This API key has reached its daily spend limit; it resets at 00:00 UTC.",
-    ),
-    Admission.RATE_LIMITED: Refusal(
-        429,
-        "rate_limited",
-        "This API key is over its rate limit; retry in {retry_after} s.",
-    ),
+    Admission.NO_CREDIT: INSUFFICIENT_CREDITS,
+    Admission.TOO_MANY_IN_FLIGHT: TOO_MANY_IN_FLIGHT,
+    Admission.KEY_SPEND_LIMIT: KEY_SPEND_LIMIT,
+    Admission.KEY_DAILY_SPEND_LIMIT: KEY_DAILY_SPEND_LIMIT,
+    Admission.RATE_LIMITED: RATE_LIMITED,
 }
 
 

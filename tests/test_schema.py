@@ -66,6 +66,7 @@ def test_schema_is_served_and_describes_the_endpoints(db: None) -> None:
         "/api/billing/balance",
         "/api/billing/usage",
         "/api/billing/ledger",
+        "/api/billing/keys",
     }
     assert document["components"]["securitySchemes"]["daemonToken"]["name"] == "X-Daemon-Token"
 
@@ -77,7 +78,7 @@ def test_billing_api_matches_its_schema(api_schema: Any, caller: Account) -> Non
     caller's key; the checks include one that drops the key and expects a 401.
     """
     operations = [result.ok() for result in api_schema.get_all_operations()]
-    assert len(operations) == 3
+    assert len(operations) == 4
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -6,3 +6,6 @@ class ApiKeysConfig(AppConfig):
     label = "apikeys"
     verbose_name = "API keys"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from terragon.apikeys import checks  # noqa: F401  (registers the system checks)

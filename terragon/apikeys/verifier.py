@@ -38,6 +38,9 @@ def verify_api_key(token: str) -> Caller | None:
             "expires_at",
             "revoked_at",
             "last_used_at",
+            "spend_limit",
+            "daily_spend_limit",
+            "requests_per_minute",
             "user__id",
             "user__username",
             "user__is_active",
@@ -59,4 +62,5 @@ def verify_api_key(token: str) -> Caller | None:
     # every proxied call into a row update on a hot row.
     if key.last_used_at is None or now - key.last_used_at >= last_used_interval():
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
-    return Caller(user=key.user, key_id=key.pk, key_label=f"tg_{key.prefix}")
+    limits = key.limits
+    return Caller(user=key.user, key_id=key.pk, key_label=f"tg_{key.prefix}", limits=limits or None)

@@ -1,4 +1,8 @@
-"""``manage.py check_ledger``: exit 1 naming accounts whose balance ≠ their ledger."""
+"""``manage.py check_ledger``: exit 1 naming accounts whose balance ≠ their ledger.
+
+Key meters are checked too: each key's spend (in total and today) must equal
+its usage charges in the ledger.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,8 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from billing.models import CreditAccount
-from billing.services import check_ledger
+from billing.models import CreditAccount, KeyMeter
+from billing.services import check_key_meters, check_ledger
 
 
 class Command(BaseCommand):
@@ -18,11 +22,21 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         mismatches = check_ledger()
         accounts = CreditAccount.objects.count()
-        if not mismatches:
+        keys = check_key_meters()
+        for key in keys:
+            self.stderr.write(
+                f"MISMATCH key {key.api_key_id}: {key.counter} {key.meter} "
+                f"!= ledger {key.ledger} (difference {key.meter - key.ledger})"
+            )
+        if not mismatches and not keys:
             self.stdout.write(
-                f"ledger OK: {accounts} account(s), every balance matches its ledger."
+                f"ledger OK: {accounts} account(s), every balance matches its ledger; "
+                f"{KeyMeter.objects.count()} key meter(s) match their charges."
             )
             return
+        if not mismatches:
+            self.stderr.write(f"{len(keys)} key meter counter(s) out of step with the ledger.")
+            sys.exit(1)
         names = dict(
             get_user_model()
             .objects.filter(pk__in=[m.user_id for m in mismatches])
