@@ -3,8 +3,9 @@
 When a client goes away mid-stream the proxy closes the upstream request at
 once (nobody should pay for tokens nobody reads), so the final usage chunk
 never arrives. OpenRouter still knows what the generation cost: its
-``/v1/generation?id=`` endpoint answers with ``total_cost`` once the
-generation is indexed (404 for a few seconds before). The proxy asks it in a
+``/v1/generation?id=`` endpoint answers with ``total_cost`` (and, for BYOK,
+``upstream_inference_cost``) once the generation is indexed (404 for a few
+seconds before). The proxy asks it in a
 background task with growing pauses; whatever is still pending after that is
 settled by ``manage.py reconcile_usage``.
 
@@ -26,6 +27,7 @@ import httpx
 
 from billing.models import CostSource, UsageRecord
 from billing.services import settle_pending
+from billing.usage import byok_total
 from openrouter_proxy import observability
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.db import run_db
@@ -66,7 +68,9 @@ async def drain(grace: float) -> None:
 
 @dataclass(frozen=True, slots=True)
 class GenerationCost:
-    total_cost: Decimal
+    """What generation stats say a generation cost the operator, and its tokens."""
+
+    cost: Decimal
     prompt_tokens: int | None
     completion_tokens: int | None
     reasoning_tokens: int | None
@@ -77,8 +81,21 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _money(value: Any) -> Decimal | None:
+    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value < 0:
+        return None
+    return Decimal(value)
+
+
 def parse_generation(body: bytes) -> GenerationCost | None:
-    """The cost in a ``/v1/generation`` answer, or None if it has none."""
+    """The cost in a ``/v1/generation`` answer, or None if it does not say it.
+
+    The rule is the one of :attr:`billing.usage.ReportedUsage.provider_cost`:
+    ``total_cost`` is what OpenRouter charged; for a BYOK generation
+    (``is_byok: true``) that is only OpenRouter's fee, and the provider's
+    price, ``upstream_inference_cost``, is added. Without BYOK
+    ``upstream_inference_cost`` is ignored (it is 0 or null there).
+    """
     try:
         payload = json.loads(body, parse_float=Decimal)
     except ValueError:
@@ -86,11 +103,13 @@ def parse_generation(body: bytes) -> GenerationCost | None:
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, dict):
         return None
-    cost = data.get("total_cost")
-    if isinstance(cost, bool) or not isinstance(cost, int | Decimal) or cost < 0:
+    cost = _money(data.get("total_cost"))
+    if data.get("is_byok") is True:
+        cost = byok_total(cost, _money(data.get("upstream_inference_cost")))
+    if cost is None:
         return None
     return GenerationCost(
-        total_cost=Decimal(cost),
+        cost=cost,
         prompt_tokens=_count(data.get("native_tokens_prompt", data.get("tokens_prompt"))),
         completion_tokens=_count(
             data.get("native_tokens_completion", data.get("tokens_completion"))
@@ -113,7 +132,7 @@ def apply_generation_cost(record_id: int, stats: GenerationCost) -> bool:
     """Settle a pending record from generation stats (sync; one transaction)."""
     return settle_pending(
         record_id,
-        stats.total_cost,
+        stats.cost,
         CostSource.GENERATION,
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.completion_tokens,

@@ -15,12 +15,19 @@ What this transport guarantees, beyond moving bytes:
   httpx decodes it, exactly as with its own transport;
 * aiohttp's errors become httpx's, split the way the proxy needs them:
   connecting failed (safe to retry) versus the connection broke after the
-  request was sent (not safe: the upstream may be generating, and billing).
+  request was sent (not safe: the upstream may be generating, and billing);
+* waiting for a free connection is bounded by httpx's ``pool`` timeout and
+  ends in ``httpx.PoolTimeout`` (the gateway is busy), never in a connect
+  timeout (which would blame the upstream). aiohttp counts the wait for a
+  pool slot inside its connect timeout, so the transport keeps its own count
+  of connections in use: a request holds a slot until its response is closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,9 +57,15 @@ def _httpx_errors(request: httpx.Request, *, sent: bool) -> Iterator[None]:
 
 
 class _ResponseStream(httpx.AsyncByteStream):
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        request: httpx.Request,
+        release_slot: Callable[[], None],
+    ) -> None:
         self._response = response
         self._request = request
+        self._release_slot = release_slot
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         with _httpx_errors(self._request, sent=True):
@@ -63,10 +76,13 @@ class _ResponseStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         # Closing (not releasing) drops the connection when the body was not
         # read to its end: an abandoned stream must stop the upstream request.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+        try:
+            if self._response.content.at_eof():
+                self._response.release()
+            else:
+                self._response.close()
+        finally:
+            self._release_slot()
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -75,6 +91,30 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     def __init__(self, limits: httpx.Limits) -> None:
         self._limits = limits
         self._session: aiohttp.ClientSession | None = None
+        limit = limits.max_connections
+        self._slots = asyncio.Semaphore(limit) if limit else None
+
+    async def _take_slot(self, request: httpx.Request, wait: float | None) -> Callable[[], None]:
+        """Wait up to ``wait`` seconds for a connection slot; returns its (idempotent) release."""
+        slots = self._slots
+        if slots is None:
+            return lambda: None
+        try:
+            async with asyncio.timeout(wait):
+                await slots.acquire()
+        except TimeoutError as error:
+            raise httpx.PoolTimeout(
+                "no free connection to the upstream", request=request
+            ) from error
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                slots.release()
+
+        return release
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -95,30 +135,40 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
+        # The pool wait is bounded here (see _take_slot); aiohttp's own connect
+        # timeout then only covers resolving and connecting.
         timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=timeouts.get("pool"),
+            connect=timeouts.get("connect"),
             sock_connect=timeouts.get("connect"),
             sock_read=timeouts.get("read"),
         )
         body = request.content if request.content else None
-        with _httpx_errors(request, sent=False):
-            response = await self._get_session().request(
-                request.method,
-                URL(str(request.url), encoded=True),
-                headers=[
-                    (name.decode("latin-1"), value.decode("latin-1"))
-                    for name, value in request.headers.raw
-                ],
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                compress=None,
-            )
+        release_slot = await self._take_slot(request, timeouts.get("pool"))
+        try:
+            with _httpx_errors(request, sent=False):
+                response = await self._get_session().request(
+                    request.method,
+                    URL(str(request.url), encoded=True),
+                    headers=[
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in request.headers.raw
+                    ],
+                    data=body,
+                    allow_redirects=False,
+                    timeout=timeout,
+                    compress=None,
+                )
+        except BaseException:
+            release_slot()
+            raise
+        # A response dropped without being closed gives its slot back when it
+        # is collected, as aiohttp does with its connection.
+        weakref.finalize(response, release_slot)
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_ResponseStream(response, request),
+            stream=_ResponseStream(response, request, release_slot),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )

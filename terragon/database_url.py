@@ -56,14 +56,19 @@ def parse_database_url(url: str, base_dir: Path) -> dict[str, Any]:
         }
         options.setdefault("connect_timeout", "3")
         options["pool"] = pool
+        name = unquote(parts.path.lstrip("/")) or "postgres"
         return {
             "ENGINE": "django.db.backends.postgresql",
-            "NAME": unquote(parts.path.lstrip("/")) or "postgres",
+            "NAME": name,
             "USER": unquote(parts.username or ""),
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
             "CONN_MAX_AGE": 0,
             "OPTIONS": options,
+            # One test database per test process (as for SQLite): two runs on one
+            # server would otherwise create, and drop, the same test_<name>.
+            # (PostgreSQL identifiers stop at 63 bytes: the name gives way, not the pid.)
+            "TEST": {"NAME": f"test_{name[:48]}_{os.getpid()}"},
         }
     raise ValueError(f"Unsupported DATABASE_URL scheme {parts.scheme!r}: use sqlite or postgres.")

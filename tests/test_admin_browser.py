@@ -8,6 +8,7 @@ not installed: ``apt-get install chromium chromium-driver``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -16,11 +17,11 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
-from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.utils import timezone
 
 from billing.models import CostSource, CreditLedgerEntry, Outcome, Settlement, UsageRecord
@@ -40,10 +41,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def site(transactional_db: None) -> Iterator[str]:
-    """The whole site under uvicorn, with the admin's static files served too."""
+    """The whole site under uvicorn, exactly as served (its static files included)."""
     from terragon.asgi import application
 
-    with serve_in_thread(ASGIStaticFilesHandler(application)) as url:  # type: ignore[arg-type]
+    with serve_in_thread(application) as url:
         yield url
 
 
@@ -112,8 +113,34 @@ def shot(driver: Any, name: str) -> Path:
     # The whole page, not just the window.
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1440, max(900, min(int(height) + 40, 4000)))
-    driver.save_screenshot(str(path))
+    # Written aside, then renamed: two runs at once never leave a torn file.
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    driver.save_screenshot(str(partial))
+    partial.replace(path)
     return path
+
+
+def follow(driver: Any, element: Any, path: str) -> None:
+    """Click ``element`` and wait until the next page, at ``path``, has loaded.
+
+    Without this, a lookup right after a click can run on the page being
+    left (its ``#result_list``, say) or on one still loading.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    old_page = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    wait = WebDriverWait(driver, 15)
+    wait.until(expected_conditions.staleness_of(old_page), f"the page after {path} to unload")
+    wait.until(
+        lambda d: (
+            urlsplit(d.current_url).path.startswith(path)
+            and d.execute_script("return document.readyState") == "complete"
+        ),
+        f"{path} to load",
+    )
 
 
 def test_operator_grants_credits_in_the_browser(site: str, browser: Any) -> None:
@@ -128,30 +155,35 @@ def test_operator_grants_credits_in_the_browser(site: str, browser: Any) -> None
     browser.get(f"{site}/admin/login/")
     browser.find_element(By.NAME, "username").send_keys("ops")
     browser.find_element(By.NAME, "password").send_keys("correct-horse-9")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "input[type=submit]"), "/admin/")
     assert "spend and usage" in browser.find_element(By.ID, "content-main").text.lower()
     shot(browser, "index")
 
-    browser.find_element(By.LINK_TEXT, "Dashboard").click()
+    dashboard = browser.find_element(By.LINK_TEXT, "Dashboard")
+    follow(browser, dashboard, urlsplit(dashboard.get_attribute("href")).path)
     assert browser.find_element(By.CSS_SELECTOR, "svg.chart")
     assert "x-ai/grok-code-fast-1" in browser.find_element(By.CSS_SELECTOR, ".legend").text
-    # The admin's own stylesheet arrived (served beside the ASGI app).
+    # The admin's own stylesheet arrived (served by the site itself, DEBUG off).
     header = browser.find_element(By.ID, "header")
     assert header.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "")
     shot(browser, "dashboard")
 
-    browser.find_element(By.LINK_TEXT, "Users' usage and billing").click()
+    users = browser.find_element(By.LINK_TEXT, "Users' usage and billing")
+    users_path = urlsplit(users.get_attribute("href")).path
+    follow(browser, users, users_path)
     table = browser.find_element(By.ID, "result_list")
     assert "alice" in table.text
     assert "bob" in table.text
     shot(browser, "users")
 
     row = browser.find_element(By.XPATH, "//tr[.//strong[text()='alice']]")
-    row.find_element(By.LINK_TEXT, "Grant credits").click()
+    grant = row.find_element(By.LINK_TEXT, "Grant credits")
+    follow(browser, grant, urlsplit(grant.get_attribute("href")).path)
     browser.find_element(By.NAME, "amount").send_keys("20")
     browser.find_element(By.NAME, "note").send_keys("Welcome credit")
     shot(browser, "grant-form")
-    browser.find_element(By.CSS_SELECTOR, "input[type=submit][value='Write ledger entry']").click()
+    submit = browser.find_element(By.CSS_SELECTOR, "input[type=submit][value='Write ledger entry']")
+    follow(browser, submit, users_path)
 
     message = browser.find_element(By.CSS_SELECTOR, "ul.messagelist li.success").text
     assert "the balance is now $30.00" in message
@@ -160,7 +192,8 @@ def test_operator_grants_credits_in_the_browser(site: str, browser: Any) -> None
     assert "$30.00" in row.find_element(By.CSS_SELECTOR, "td.field-balance_display").text
     shot(browser, "users-after-grant")
 
-    browser.find_element(By.LINK_TEXT, "See the ledger").click()
+    ledger_link = browser.find_element(By.LINK_TEXT, "See the ledger")
+    follow(browser, ledger_link, urlsplit(ledger_link.get_attribute("href")).path)
     ledger = browser.find_element(By.ID, "result_list").text
     assert "$20.00" in ledger
     assert "Welcome credit" in ledger

@@ -13,6 +13,7 @@ errors, gzip JSON) are not repeated here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 import os
@@ -36,7 +37,7 @@ from billing.services import UsageDraft, balance_of, check_ledger
 from billing.spool import spool_draft, spooled_paths
 from billing.usage import ReportedUsage
 from openrouter_proxy.settlement import pending_tasks
-from openrouter_proxy.testing.fake_openrouter import RunningFake, bind_socket
+from openrouter_proxy.testing.fake_openrouter import FakeOpenRouter, RunningFake, bind_socket
 from tests.conftest import BROKEN_VERIFIER, Account, Gateway, make_account
 from tests.faults.common import (
     CHAT,
@@ -52,6 +53,7 @@ from tests.faults.launch import database_url_via, server_process
 from tests.faults.procfs import ProcUnavailable, connections_to, require_proc, rss_bytes
 from tests.servers import wait_until
 from tests.tcp_proxy import forwarding
+from tests.waiting import wait_for
 
 
 def chat_url(gateway: Gateway) -> str:
@@ -115,8 +117,11 @@ def test_upstream_silent_between_chunks_ends_the_stream_and_bills_what_was_gener
     assert elapsed < 3, elapsed
     # The upstream request was closed, not left to generate for nobody.
     fake = gateway.fake.app
-    assert wait_until(lambda: fake.open_streams == 0, timeout=5)
-    assert fake.disconnected_streams == 1
+    # open_streams falls before disconnected_streams rises: wait for both.
+    wait_for(
+        lambda: fake.disconnected_streams == 1 and fake.open_streams == 0,
+        "the fake to see the proxy hang up",
+    )
     # The record: what happened, and the charge once the generation is known.
     assert settled_everything()
     record = UsageRecord.objects.get()
@@ -142,6 +147,10 @@ def test_upstream_silent_inside_a_json_body_aborts_it_and_bills_the_generation(
 ) -> None:
     """OpenRouter pads JSON bodies while it generates; a gap there is a timeout too."""
     settings.OPENROUTER_PROXY_READ_TIMEOUT = 0.5
+    # The generation ends about 2 s after the proxy hung up: settlement in the
+    # proxy keeps asking for longer than that (no fallback to reconcile_usage,
+    # which would hide a broken in-process path).
+    settings.OPENROUTER_PROXY_SETTLE_DELAYS = (0.3,) * 30
     with pytest.raises(httpx.RemoteProtocolError):
         # A truncated JSON body must not look complete: the response is aborted.
         httpx.post(
@@ -156,9 +165,9 @@ def test_upstream_silent_inside_a_json_body_aborts_it_and_bills_the_generation(
     assert record.http_status == 200
     # The fake keeps generating after the proxy hung up (as a real provider may);
     # the record is settled from the generation stats once they exist.
-    if not settled_everything(timeout=8):
-        call_command("reconcile_usage", min_age=0, stdout=open("/dev/null", "w"))  # noqa: SIM115
+    assert settled_everything(timeout=15)
     record.refresh_from_db()
+    assert record.cost_source == CostSource.GENERATION
     charged = assert_billed_as_generated(gateway, record)
     assert_books_balance(live_account)
     report("upstream silent inside JSON", outcome=record.outcome, billed=charged)
@@ -242,8 +251,11 @@ def test_upstream_silent_before_headers_closes_the_upstream_request(
     assert response.status_code == 504
     assert response.headers["x-should-retry"] == "false"
     fake = gateway.fake.app
-    assert wait_until(lambda: fake.open_streams == 0, timeout=5)
-    assert fake.disconnected_streams == 1
+    # open_streams falls before disconnected_streams rises: wait for both.
+    wait_for(
+        lambda: fake.disconnected_streams == 1 and fake.open_streams == 0,
+        "the fake to see the proxy hang up",
+    )
     record = UsageRecord.objects.get()
     assert record.outcome == Outcome.UPSTREAM_ERROR
     assert record.http_status == 504
@@ -273,15 +285,16 @@ def test_upstream_timeout_before_headers_is_not_a_silent_zero(
 # --- The client leaves ------------------------------------------------------------------
 
 
-def _leave_before_headers(sock: socket.socket) -> None:
-    time.sleep(0.3)
+def _leave_before_headers(sock: socket.socket, fake: FakeOpenRouter) -> None:
+    # The request reached the upstream, which holds its headers back.
+    wait_for(lambda: fake.open_streams == 1, "the request to reach the fake")
 
 
-def _leave_after_first_byte(sock: socket.socket) -> None:
+def _leave_after_first_byte(sock: socket.socket, fake: FakeOpenRouter) -> None:
     assert sock.recv(1)
 
 
-def _leave_mid_stream(sock: socket.socket) -> None:
+def _leave_mid_stream(sock: socket.socket, fake: FakeOpenRouter) -> None:
     data = b""
     while data.count(b"data: ") < 6:
         piece = sock.recv(4096)
@@ -289,17 +302,36 @@ def _leave_mid_stream(sock: socket.socket) -> None:
         data += piece
 
 
-def _leave_during_last_chunk(sock: socket.socket) -> None:
+def _leave_during_last_chunk(sock: socket.socket, fake: FakeOpenRouter) -> None:
     # The usage event has arrived; [DONE] is still to come.
     data = read_until(sock, b'"usage"')
     assert b'"usage"' in data
     assert b"[DONE]" not in data
 
 
-def _leave_while_not_reading(sock: socket.socket) -> None:
+def _all_streams_left(fake: FakeOpenRouter, count: int) -> bool:
+    # open_streams falls before disconnected_streams rises: wait for both.
+    return fake.disconnected_streams == count and fake.open_streams == 0
+
+
+def _server_send_queue(sock: socket.socket) -> int:
+    """Bytes the server has written towards ``sock`` that the client has not taken."""
+    client_port = sock.getsockname()[1]
+    server_port = sock.getpeername()[1]
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.rsplit(":", 1)[1], 16) == server_port and (
+            int(remote.rsplit(":", 1)[1], 16) == client_port
+        ):
+            return int(fields[4].split(":")[0], 16)
+    return 0
+
+
+def _leave_while_not_reading(sock: socket.socket, fake: FakeOpenRouter) -> None:
     # The server is blocked on a full socket buffer when the client goes.
     assert sock.recv(100)
-    time.sleep(0.5)
+    wait_for(lambda: _server_send_queue(sock) > 0, "the server's writes to back up")
 
 
 DISCONNECTS = {
@@ -324,14 +356,17 @@ def test_client_disconnect_closes_upstream_leaks_nothing_and_settles(
     close_to_upstream_closed = []
     for attempt in range(repeats):
         sock = open_raw_stream(port, live_account.token, mode, rcvbuf=rcvbuf)
-        leave(sock)
+        leave(sock, fake)
         left = time.monotonic()
         # Alternate a clean close (FIN) and an abort (RST).
         if attempt % 2:
             reset_close(sock)
         else:
             sock.close()
-        assert wait_until(lambda: fake.open_streams == 0, timeout=5), where
+        wait_for(
+            functools.partial(_all_streams_left, fake, attempt + 1),
+            f"the fake to see the client leave ({where}, attempt {attempt + 1})",
+        )
         close_to_upstream_closed.append(time.monotonic() - left)
         assert wait_until(records_reach(attempt + 1), timeout=5)
     assert fake.disconnected_streams == repeats

@@ -24,6 +24,7 @@ from django.db.models import Sum
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
 from openrouter_proxy.testing.fake_openrouter import RunningFake
+from tests.books import assert_each_request_charged_once
 from tests.conftest import make_account
 from tests.faults.common import CHAT, report
 from tests.processes import uvicorn_workers
@@ -106,8 +107,9 @@ def test_billing_is_exact_across_two_hosts(fake: RunningFake) -> None:
     assert len(records) == len(results) - statuses[429]
     generations = fake.app.generations
     with_generation = {r.generation_id: r for r in records if r.generation_id}
-    assert len(with_generation) == len([r for r in records if r.generation_id])
-    assert set(with_generation) == set(generations)
+    assert set(with_generation) == set(generations)  # none lost, none invented
+    # Charged once each: one ledger row per charged request, adding up to the fake's costs.
+    ledger_total = assert_each_request_charged_once(generations)
     for generation_id, record in with_generation.items():
         assert record.billed == generations[generation_id].total_cost
         assert record.settlement == Settlement.SETTLED
@@ -123,7 +125,7 @@ def test_billing_is_exact_across_two_hosts(fake: RunningFake) -> None:
         statuses=dict(statuses),
         client_disconnects=sum(1 for *_, left in results if left),
         records=len(records),
-        billed_total=sum((r.billed for r in records), Decimal(0)),
+        billed_total=ledger_total,
         ledger_mismatches=0,
     )
 

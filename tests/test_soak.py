@@ -28,6 +28,7 @@ from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
 from openrouter_proxy.testing.fake_openrouter import FakeOpenRouter, run_fake_openrouter
 from tests import soak
+from tests.books import assert_each_request_charged_once
 from tests.conftest import SERVER_KEY, make_account
 from tests.faults.common import report
 from tests.faults.launch import ServerProcess, server_process
@@ -132,9 +133,10 @@ def test_soak_two_workers_nothing_lost_nothing_grows(tmp_path: Path) -> None:
             assert record.outcome == Outcome.UPSTREAM_ERROR
             assert record.billed == 0
         else:
-            assert record.generation_id not in by_generation  # charged twice
             by_generation[record.generation_id] = record
     assert set(by_generation) == set(generations)  # none lost, none invented
+    # Charged once each: one ledger row per charged request, adding up to the fake's costs.
+    assert_each_request_charged_once(generations)
     mismatched = [
         gid for gid, record in by_generation.items() if record.billed != generations[gid].total_cost
     ]

@@ -1,7 +1,9 @@
 """``manage.py reconcile_usage``: settle what the proxy could not settle itself.
 
 Replays the spool of charges that could not reach the database, then asks
-OpenRouter's generation endpoint for the cost of every pending record. It is
+OpenRouter's generation endpoint for the cost of every pending record (read
+by ``parse_generation``, the same rule as in-process settlement: for BYOK,
+OpenRouter's fee plus the provider's price). It is
 idempotent and safe to run from cron on several hosts at once: a record is
 settled inside a transaction that first locks it and checks it is still
 pending. Records still unknown after ``--give-up-after`` hours become

@@ -1,0 +1,42 @@
+"""Waiting for an event instead of sleeping and hoping it happened."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T | None], what: str, timeout: float = 10.0, interval: float = 0.01
+) -> T:
+    """Poll ``condition`` until it returns a true value, and return that value.
+
+    Fails with ``AssertionError`` naming ``what`` (the event awaited) and the
+    last value seen once ``timeout`` seconds have passed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    condition: Callable[[], T | None], what: str, timeout: float = 10.0, interval: float = 0.01
+) -> T:
+    """:func:`wait_for` inside an event loop: the loop keeps running while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
