@@ -22,7 +22,7 @@ from openrouter_proxy.testing.servers import bind_socket, quiet_config
 
 
 class Command(BaseCommand):
-    help = "Serve a fake OpenRouter (OpenAI-compatible, under /api) on a local port."
+    help = "Serve a fake OpenRouter (every metered endpoint, under /api) on a local port."
 
     # No database, no migrations, no system checks needed to serve the fake.
     requires_system_checks: list[str] = []
@@ -43,6 +43,12 @@ class Command(BaseCommand):
             help="accept only 'Authorization: Bearer KEY' (default: any bearer token)",
         )
         parser.add_argument(
+            "--bill-cancelled",
+            choices=["delivered", "full"],
+            default="delivered",
+            help="bill a stream the client leaves for the pieces it received, or in full",
+        )
+        parser.add_argument(
             "--default-mode",
             default="",
             help="X-Fake-Mode directives applied when a request has none",
@@ -58,6 +64,7 @@ class Command(BaseCommand):
             generation_delay=options["generation_delay"],
             api_key=options["api_key"],
             default_mode=options["default_mode"],
+            bill_cancelled=options["bill_cancelled"],
         )
         try:
             sock = bind_socket(host, options["port"])
