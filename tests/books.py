@@ -35,6 +35,6 @@ def assert_each_request_charged_once(generations: Mapping[str, GenerationStats])
         assert reference == f"usage:{record.request_id}", (reference, record.request_id)
         assert amount == -record.billed, (amount, record.billed)
     ledger_total = -sum((amount for _, _, amount in entries), Decimal(0))
-    generated = sum((bill(g.total_cost) for g in generations.values()), Decimal(0))
+    generated = sum((bill(g.charged) for g in generations.values()), Decimal(0))
     assert ledger_total == generated, (ledger_total, generated)
     return ledger_total

@@ -538,24 +538,39 @@ def test_first_byte_delay(client: httpx.Client) -> None:
 
 
 class SendTimes(FakeOpenRouter):
-    """The fake, noting when it hands each piece of a response body to the server."""
+    """The fake, noting when it hands each message of a response to the server.
+
+    Timed where the fake sends them: arrivals in a client that shares this
+    process's threads can bunch up, sends cannot.
+    """
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.body_sent_at: list[float] = []
+        self.sent: list[tuple[str, float]] = []
+
+    @property
+    def body_sent_at(self) -> list[float]:
+        return [at for kind, at in self.sent if kind == "http.response.body"]
+
+    @property
+    def started_at(self) -> float:
+        (started,) = [at for kind, at in self.sent if kind == "http.response.start"]
+        return started
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         async def timed(message: Any) -> None:
-            if message["type"] == "http.response.body":
-                self.body_sent_at.append(time.monotonic())
+            self.sent.append((message["type"], time.monotonic()))
             await send(message)
 
         await super().__call__(scope, receive, timed)
 
 
+#: An asyncio timer may fire up to a clock tick early; a millisecond covers it.
+TICK = 0.001
+
+
 def test_chunk_delay() -> None:
-    """The fake waits ``chunk-delay`` between two events (timed where it sends them:
-    arrivals in a client sharing this process's threads can bunch up)."""
+    """The fake waits ``chunk-delay`` between two events."""
     app = SendTimes()
     with (
         run_fake_openrouter(app) as running,
@@ -572,7 +587,7 @@ def test_chunk_delay() -> None:
             arrivals.append(time.monotonic())
     assert len(arrivals) == len(app.body_sent_at) == 7
     gaps = [later - earlier for earlier, later in itertools.pairwise(app.body_sent_at)]
-    assert min(gaps) >= 0.04 - 0.001  # an asyncio timer may fire a clock tick early
+    assert min(gaps) >= 0.04 - TICK
     # Each piece reached the client after it was sent, not before: one write each.
     assert all(arrived >= sent for arrived, sent in zip(arrivals, app.body_sent_at, strict=True))
 
@@ -1630,32 +1645,37 @@ def test_keepalives_between_data_events(
     assert not stats.cancelled
 
 
-def test_headers_first_then_padding_dribbled(client: httpx.Client, fake: RunningFake) -> None:
-    started = time.monotonic()
-    headers = {"X-Fake-Mode": "headers-first,first-byte-delay=0.5,keepalive=3"}
-    with client.stream("POST", CHAT, content=request_body(), headers=headers) as response:
-        headers_after = time.monotonic() - started
-        assert response.headers["x-generation-id"]
-        arrivals = []
-        pieces = []
-        for piece in response.iter_raw():
-            arrivals.append(time.monotonic() - started)
-            pieces.append(piece)
-    assert headers_after < 0.35
-    assert pieces[:3] == [b"\n", b"\n", b"\n"]
-    assert arrivals[-1] >= 0.48
-    assert money(b"".join(pieces).decode())["choices"][0]["message"]["content"] == ANSWER_TEXT
+def test_headers_first_then_padding_dribbled() -> None:
+    app = SendTimes()
+    with (
+        run_fake_openrouter(app) as running,
+        httpx.Client(base_url=running.base_url, headers={"Authorization": "Bearer x"}) as http,
+    ):
+        headers = {"X-Fake-Mode": "headers-first,first-byte-delay=0.5,keepalive=3"}
+        with http.stream("POST", CHAT, content=request_body(), headers=headers) as response:
+            assert response.headers["x-generation-id"]
+            pieces = list(response.iter_raw())
+        assert pieces[:3] == [b"\n", b"\n", b"\n"]
+        assert money(b"".join(pieces).decode())["choices"][0]["message"]["content"] == ANSWER_TEXT
+        # The headers at once, a line of padding every third of the delay, the body last.
+        assert [kind for kind, _ in app.sent] == ["http.response.start"] + [
+            "http.response.body"
+        ] * 4
+        started, bodies = app.started_at, app.body_sent_at
+        assert all(
+            later - earlier >= 0.5 / 3 - TICK for earlier, later in itertools.pairwise(bodies)
+        )
+        assert bodies[-1] - started >= 0.5 - TICK
 
-    # A stream's headers come first too, then the silence.
-    started = time.monotonic()
-    headers = {"X-Fake-Mode": "headers-first,first-byte-delay=0.5"}
-    with client.stream(
-        "POST", "/v1/messages", content=messages_body(stream=True), headers=headers
-    ) as streamed:
-        assert time.monotonic() - started < 0.35
-        streamed.read()
-    assert time.monotonic() - started >= 0.48
-    assert sse(streamed.text)[-1][0] == "message_stop"
+        # A stream's headers come first too, then the silence.
+        app.sent.clear()
+        headers = {"X-Fake-Mode": "headers-first,first-byte-delay=0.5"}
+        with http.stream(
+            "POST", "/v1/messages", content=messages_body(stream=True), headers=headers
+        ) as streamed:
+            streamed.read()
+        assert app.body_sent_at[0] - app.started_at >= 0.5 - TICK
+        assert sse(streamed.text)[-1][0] == "message_stop"
 
 
 def test_gzip_on_the_other_endpoints(client: httpx.Client) -> None:

@@ -138,7 +138,7 @@ def test_metered_endpoint_is_billed_exactly(
     assert record.endpoint == call.endpoint
     assert record.streamed is call.streamed
     assert record.outcome == Outcome.COMPLETED
-    assert record.billed == bill(generation.total_cost)
+    assert record.billed == bill(generation.charged)
     assert record.billed > 0
     expected_source = CostSource.GENERATION if call.settles_later else CostSource.PROVIDER
     assert record.cost_source == expected_source
@@ -167,9 +167,7 @@ def test_multipart_transcription_is_checked_and_billed(
     record = settled_record()
     assert record.endpoint == "audio/transcriptions"
     assert record.requested_model == "openai/whisper-large-v3"
-    assert record.billed == bill(
-        gateway.fake.app.generations[record.generation_id or ""].total_cost
-    )
+    assert record.billed == bill(gateway.fake.app.generations[record.generation_id or ""].charged)
 
 
 @pytest.mark.parametrize("name", ["responses stream", "messages stream", "images stream"])
@@ -194,7 +192,7 @@ def test_a_client_leaving_a_stream_is_still_billed(
     generation = gateway.fake.app.generations[generation_id]
     assert record.outcome == Outcome.CLIENT_DISCONNECTED
     assert record.cost_source == CostSource.GENERATION
-    assert record.billed == bill(generation.total_cost)
+    assert record.billed == bill(generation.charged)
     assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
     assert check_ledger() == []
 
@@ -251,5 +249,5 @@ def test_anthropic_error_shape_mid_stream_is_an_upstream_error(
     )
     assert record.outcome == Outcome.UPSTREAM_ERROR
     generation = gateway.fake.app.generations[record.generation_id or ""]
-    assert record.billed == bill(generation.total_cost)
+    assert record.billed == bill(generation.charged)
     assert check_ledger() == []

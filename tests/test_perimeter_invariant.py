@@ -116,6 +116,6 @@ def test_every_generation_is_charged_exactly_once_and_closed_paths_stay_closed(
         endpoints=dict(Counter(r.endpoint for r in records)),
         generations=len(generations),
         charged_total=charged,
-        generated_total=sum((g.total_cost for g in generations.values()), Decimal(0)),
+        generated_total=sum((g.charged for g in generations.values()), Decimal(0)),
         closed_paths_reaching_the_fake=len(reached & set(CLOSED)),
     )
