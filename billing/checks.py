@@ -47,6 +47,19 @@ def check_billing_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
                 id="billing.E004",
             )
         )
+    try:
+        beat, stale = billing_settings.WORKER_HEARTBEAT, billing_settings.WORKER_STALE_AFTER
+        if not 0 < beat < stale:
+            raise ValueError
+    except (ValueError, TypeError):
+        messages.append(
+            Error(
+                "BILLING_WORKER_HEARTBEAT and BILLING_WORKER_STALE_AFTER must be positive "
+                "seconds, the heartbeat shorter than the time after which a worker is stale.",
+                hint="The defaults are 10 and 30.",
+                id="billing.E007",
+            )
+        )
     messages += _check_recording()
     messages += _check_key_admin()
     return messages

@@ -33,6 +33,21 @@ class BillingSettings:
         return int(self._get("IN_FLIGHT_LEASE", 1800))
 
     @property
+    def WORKER_HEARTBEAT(self) -> float:
+        """Seconds between two heartbeats of a serving worker."""
+        return float(self._get("WORKER_HEARTBEAT", 10))
+
+    @property
+    def WORKER_STALE_AFTER(self) -> float:
+        """Seconds without a heartbeat after which a worker is presumed dead.
+
+        Its open requests are then recovered (and the slots they held come
+        back as they settle), so a crashed worker's users wait about this
+        long, not ``IN_FLIGHT_LEASE``.
+        """
+        return float(self._get("WORKER_STALE_AFTER", 30))
+
+    @property
     def RATE_WINDOW_SECONDS(self) -> int:
         """The window of a key's request rate: at most N admitted in any such window.
 

@@ -102,6 +102,7 @@ class Outcome(models.TextChoices):
     UPSTREAM_ERROR = "upstream_error", "Upstream error"
     UPSTREAM_UNREACHABLE = "upstream_unreachable", "Upstream unreachable"
     CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
+    WORKER_LOST = "worker_lost", "Worker lost"
 
 
 class Settlement(models.TextChoices):
@@ -266,3 +267,50 @@ class KeyMeter(models.Model):
     def spent_on(self, day: date) -> Decimal:
         """The key's spend on a UTC day, as far as the counter knows (today's only)."""
         return self.spent_today if self.spent_day == day else Decimal(0)
+
+
+class OpenRequest(models.Model):
+    """The write-ahead trace of a request admitted and not yet recorded.
+
+    Written when the request is admitted (beside the upstream call, never in
+    its way), given the generation id when the upstream answers, and deleted
+    once the request's usage record is written. A row whose worker stopped
+    beating is a request that worker will never record: ``recover_lost_requests``
+    turns it into a usage record (pending when a generation id is known, so
+    ``reconcile_usage`` settles it from generation stats; unpriced otherwise).
+    """
+
+    request_id = models.UUIDField(unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    api_key_id = models.BigIntegerField(null=True, blank=True)
+    api_key_label = models.CharField(max_length=40, blank=True)
+    endpoint = models.CharField(max_length=40)
+    requested_model = models.CharField(max_length=200, blank=True)
+    streamed = models.BooleanField(default=False)
+    #: Empty until the upstream answers.
+    generation_id = models.CharField(max_length=120, blank=True)
+    worker = models.UUIDField(db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    answered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "open request"
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.request_id} (worker {self.worker})"
+
+
+class WorkerHeartbeat(models.Model):
+    """A serving worker process, alive while it keeps ``seen_at`` fresh."""
+
+    worker = models.UUIDField(primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(default=timezone.now)
+    seen_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "worker heartbeat"
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"

@@ -31,6 +31,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, connection
 
 from billing.conf import billing_settings
+from billing.models import OpenRequest
 from billing.services import Recorded, UsageDraft, record_usage
 from billing.usage import ReportedUsage
 
@@ -138,6 +139,8 @@ def _replay(limit: int | None) -> int:
             continue
         try:
             record_usage(draft)
+            # Recorded: its write-ahead trace (billing.recovery) is done with.
+            OpenRequest.objects.filter(request_id=draft.request_id).delete()
         except DatabaseError:
             logger.warning("database still unavailable; %s stays spooled", path.name)
             break

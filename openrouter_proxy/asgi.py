@@ -19,9 +19,10 @@ key or with a declared body over the limit, stops reading a body that grows
 past the limit, and runs the lifespan protocol: at shutdown it waits for
 settlement tasks, closes the upstream client and the database threads.
 
-Use it in the site's ``asgi.py``::
+Use it in the site's ``asgi.py``, after ``get_asgi_application()`` (which sets
+Django up); the prefix is where the URLconf includes ``openrouter_proxy.urls``::
 
-    application = with_proxy_fast_path(get_asgi_application(), "/api/proxy/openrouter")
+    application = with_proxy_fast_path(get_asgi_application())
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import (
     BadRequest,
+    ImproperlyConfigured,
     PermissionDenied,
     RequestAborted,
     SuspiciousOperation,
@@ -43,13 +45,14 @@ from django.core.exceptions import (
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.http import Http404, HttpRequest
 from django.http.response import HttpResponseBase
-from django.urls import set_script_prefix
+from django.urls import NoReverseMatch, reverse, set_script_prefix
 
 from openrouter_proxy import db, observability
 from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
 from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
+from openrouter_proxy.liveness import stop_heartbeat
 from openrouter_proxy.settlement import drain
 from openrouter_proxy.upstream import close_clients
 
@@ -202,9 +205,32 @@ def _too_large(limit: int) -> tuple[int, str, str]:
     return BODY_TOO_LARGE.status, BODY_TOO_LARGE.message.format(limit=limit), BODY_TOO_LARGE.code
 
 
-def with_proxy_fast_path(site: ASGIApp, prefix: str) -> ASGIApp:
-    """Route ``prefix`` and everything below it to the lean proxy handler."""
-    prefix = prefix.rstrip("/")
+def mounted_prefix() -> str:
+    """Where the URLconf mounts ``openrouter_proxy.urls``, e.g. ``/api/proxy/openrouter``."""
+    try:
+        return reverse("openrouter_proxy:proxy").rstrip("/")
+    except NoReverseMatch:
+        raise ImproperlyConfigured(
+            'The URLconf does not include openrouter_proxy.urls: add path("api/proxy/openrouter",'
+            ' include("openrouter_proxy.urls")) to it.'
+        ) from None
+
+
+def with_proxy_fast_path(site: ASGIApp, prefix: str | None = None) -> ASGIApp:
+    """Route the proxy's prefix and everything below it to the lean proxy handler.
+
+    The prefix is learnt from the URLconf; one given here must be the same
+    (``ImproperlyConfigured`` at start-up otherwise: two prefixes that disagree
+    would send the proxy's requests through the site's middleware, or the
+    site's through the proxy's handler).
+    """
+    mounted = mounted_prefix()
+    if prefix is not None and prefix.rstrip("/") != mounted:
+        raise ImproperlyConfigured(
+            f"with_proxy_fast_path was given the prefix {prefix!r}, but the URLconf mounts "
+            f"openrouter_proxy.urls at {mounted!r}: leave the prefix out to use the URLconf's."
+        )
+    prefix = mounted
     proxy_app = ProxyHandler()
 
     async def application(scope: Scope, receive: Receive, send: Send) -> None:
@@ -233,6 +259,8 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             try:
                 await drain(proxy_settings.SHUTDOWN_GRACE)
+                # After the drain: what is still unrecorded now is left to recovery.
+                await stop_heartbeat()
                 await close_clients()
                 await asyncio.get_running_loop().run_in_executor(None, db.shutdown)
             except Exception:

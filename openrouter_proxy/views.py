@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote
@@ -26,8 +27,10 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import Outcome
+from billing.recovery import Trace, close_request, mark_answered, open_request
 from billing.services import (
     Admission,
+    AdmissionResult,
     UsageDraft,
     admit_request,
     generation_belongs_to,
@@ -36,7 +39,13 @@ from billing.services import (
 from billing.spool import record_usage_durably
 from billing.usage import ReportedUsage
 from openrouter_proxy import observability
-from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token, verify_token
+from openrouter_proxy.callers import (
+    ApiKeyRejected,
+    Caller,
+    KeyLimits,
+    extract_token,
+    verify_token,
+)
 from openrouter_proxy.capture import CaptureResult, UsageCapture, capture_for
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers, preflight_response
@@ -62,6 +71,7 @@ from openrouter_proxy.errors import (
     error_body,
     error_response,
 )
+from openrouter_proxy.liveness import ensure_heartbeat
 from openrouter_proxy.policy import BodyFacts, PolicyRefusal, inspect_body
 from openrouter_proxy.routing import (
     UnsafePath,
@@ -166,6 +176,38 @@ class Exchange:
     first_byte: float | None = None
     status: int | None = None
     header_generation_id: str | None = None
+    #: Writes the request's write-ahead trace beside the upstream call.
+    trace: asyncio.Task[None] | None = None
+    #: Resolved with the generation id when the upstream answers (None: it did not).
+    answered: asyncio.Future[str | None] | None = None
+
+    def trace_record(self) -> Trace:
+        """The write-ahead trace, written with the admission (see ``billing.recovery``)."""
+        return Trace(
+            request_id=self.request_id,
+            user_id=self.caller.user_id,
+            endpoint=self.endpoint,
+            streamed=self.streamed,
+            requested_model=self.requested_model,
+            api_key_id=self.caller.key_id,
+            api_key_label=self.caller.key_label,
+        )
+
+    def start_trace(self) -> None:
+        """Tell the trace the generation id once the upstream answers, beside the relay."""
+        self.answered = asyncio.get_running_loop().create_future()
+        self.trace = run_in_background(_mark_trace_answered(self.request_id, self.answered))
+
+    def upstream_answered(self, generation_id: str | None) -> None:
+        if self.answered is not None and not self.answered.done():
+            self.answered.set_result(generation_id)
+
+    async def trace_written(self) -> None:
+        """Let the trace's last update land before the final record removes the trace."""
+        self.upstream_answered(None)
+        if self.trace is not None:
+            with suppress(Exception):
+                await asyncio.shield(self.trace)
 
     def draft(
         self,
@@ -202,9 +244,26 @@ class Exchange:
         )
 
 
+async def _mark_trace_answered(request_id: uuid.UUID, answered: asyncio.Future[str | None]) -> None:
+    generation_id = await answered
+    if not generation_id:
+        return
+    try:
+        await run_db(mark_answered, request_id, generation_id)
+    except DatabaseError:
+        # The final record does not need it; only a crash from here on would.
+        logger.warning("could not give the trace of request %s its generation", request_id)
+
+
 async def finish_exchange(exchange: Exchange, draft: UsageDraft) -> None:
     """Record the request's usage (durably), then settle later if needed."""
+    await exchange.trace_written()
     recorded = await run_db(record_usage_durably, draft)
+    if recorded is not None:
+        # Recorded (or found recorded): the trace has done its job. A spooled
+        # draft keeps its trace until the spool is replayed.
+        with suppress(DatabaseError):
+            await run_db(close_request, draft.request_id)
     observability.billed_request_finished(draft, recorded)
     usage = draft.usage
     if logger.isEnabledFor(logging.INFO):
@@ -368,17 +427,21 @@ async def proxy(
         facts = inspected
     endpoint = entry.name
 
+    # Beating before admission: a user whose slots a dead worker holds is
+    # admitted again once this worker's sweep has recovered them.
+    ensure_heartbeat()
+    exchange = Exchange(
+        caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
+    )
     try:
-        admission, retry_after = await _admit(caller)
+        admission, retry_after = await _admit(caller, exchange.trace_record())
     except DatabaseError:
         logger.exception("credit check failed: database unavailable")
         return refuse(DB_DOWN)
     refused = admission_refusal(admission, retry_after, refuse)
     if refused is not None:
         return refused
-    exchange = Exchange(
-        caller=caller, endpoint=endpoint, requested_model=facts.model, streamed=facts.stream
-    )
+    exchange.start_trace()
     observability.billed_request_started()
     return await _forward(request, url, body, api_key, cors, exchange, entry, fail)
 
@@ -433,6 +496,7 @@ async def _forward(
     if exchange is not None:
         exchange.status = upstream.status_code
         exchange.header_generation_id = upstream.headers.get("x-generation-id")
+        exchange.upstream_answered(exchange.header_generation_id)
     content_type = upstream.headers.get("content-type", "")
     is_sse = content_type.lower().startswith(SSE_CONTENT_TYPE)
     capture = (
@@ -525,27 +589,41 @@ def admission_refusal(
     return response
 
 
-async def _admit(caller: Caller) -> tuple[Admission, int | None]:
+def _admit_and_trace(trace: Trace, key_id: int | None, limits: KeyLimits | None) -> AdmissionResult:
+    """Admission and, for an admitted request, its write-ahead trace (one database call).
+
+    The trace is written before the request goes upstream, so no generation
+    can start that a crash of this worker would leave unbilled.
+    """
+    result = admit_request(trace.user_id, key_id, limits, detailed=True)
+    if result.admitted:
+        try:
+            open_request(trace)
+        except DatabaseError:
+            logger.warning("could not write the trace of request %s", trace.request_id)
+    return result
+
+
+async def _admit(caller: Caller, trace: Trace) -> tuple[Admission, int | None]:
     """Admit the request (the user's credit and slots, the key's limits).
 
     Takes a slot; if the caller is cancelled meanwhile, gives it back.
     Returns the admission and, for a refusal, the seconds until a retry can
     succeed when billing knows them.
     """
-    admitting = asyncio.ensure_future(
-        run_db(admit_request, caller.user_id, caller.key_id, caller.limits, detailed=True)
-    )
+    admitting = asyncio.ensure_future(run_db(_admit_and_trace, trace, caller.key_id, caller.limits))
     try:
         result = await asyncio.shield(admitting)
     except asyncio.CancelledError:
-        run_in_background(_release_if_admitted(admitting, caller.user_id))
+        run_in_background(_release_if_admitted(admitting, trace))
         raise
     return result.admission, result.retry_after
 
 
-async def _release_if_admitted(admitting: asyncio.Future[Any], user_id: int) -> None:
+async def _release_if_admitted(admitting: asyncio.Future[Any], trace: Trace) -> None:
     if (await admitting).admitted:
-        await run_db(release_request, user_id)
+        await run_db(release_request, trace.user_id)
+        await run_db(close_request, trace.request_id)
 
 
 def _attribution() -> dict[str, str]:

@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "servestatic",
     "corsheaders",
     "rest_framework",
     "terragon",
@@ -72,6 +73,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Static files (the admin's CSS and JS), async, before the sync-only middleware below.
+    "servestatic.middleware.ServeStaticMiddleware",
     "corsheaders.middleware.CorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -130,6 +133,10 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+# ServeStatic serves the apps' static files straight from their folders, with DEBUG on or
+# off, so `uvicorn terragon.asgi:application` needs no collectstatic step (a host site
+# collects them into STATIC_ROOT instead: see README).
+SERVESTATIC_USE_FINDERS = True
 
 LOGIN_URL = "/admin/login/"
 
@@ -148,15 +155,21 @@ CORS_ALLOWED_ORIGINS = env_list("BILLING_CORS_ALLOWED_ORIGINS", "")
 # The gateway.
 OPENROUTER_PROXY_API_KEY = os.environ.get("OPENROUTER_API_KEY", "")
 OPENROUTER_PROXY_BASE_URL = os.environ.get("OPENROUTER_BASE_URL", "https://openrouter.ai/api")
+# Who a token belongs to: this site's own API keys.
+OPENROUTER_PROXY_KEY_VERIFIER = "terragon.apikeys.verifier.verify_api_key"
 if os.environ.get("OPENROUTER_ALLOWED_MODELS"):
     OPENROUTER_PROXY_ALLOWED_MODELS = env_list("OPENROUTER_ALLOWED_MODELS", "")
 TERRAGON_API_KEY_PEPPER = os.environ.get("TERRAGON_API_KEY_PEPPER", SECRET_KEY)
+# The billing admin links each user to their keys on this admin page.
+BILLING_KEY_ADMIN = "apikeys.ApiKey"
 BILLING_SPOOL_DIR = Path(os.environ.get("BILLING_SPOOL_DIR", VAR_DIR / "spool"))
 BILLING_MARKUP = os.environ.get("BILLING_MARKUP", "1")
 BILLING_MAX_IN_FLIGHT = int(os.environ.get("BILLING_MAX_IN_FLIGHT", "8"))
 BILLING_CREDITS_LOW_THRESHOLD = os.environ.get("BILLING_CREDITS_LOW_THRESHOLD", "5")
 # The window of a key's request rate (tests shorten it; keep 60 for "per minute").
 BILLING_RATE_WINDOW_SECONDS = os.environ.get("BILLING_RATE_WINDOW_SECONDS", "60")
+BILLING_WORKER_HEARTBEAT = float(os.environ.get("BILLING_WORKER_HEARTBEAT", "10"))
+BILLING_WORKER_STALE_AFTER = float(os.environ.get("BILLING_WORKER_STALE_AFTER", "30"))
 # Limits of the keys /api/internal/daemon-token issues (empty: none).
 TERRAGON_DAEMON_TOKEN_SPEND_LIMIT = os.environ.get("DAEMON_TOKEN_SPEND_LIMIT", "")
 TERRAGON_DAEMON_TOKEN_DAILY_SPEND_LIMIT = os.environ.get("DAEMON_TOKEN_DAILY_SPEND_LIMIT", "")

@@ -1,6 +1,7 @@
 """``manage.py reconcile_usage``: settle what the proxy could not settle itself.
 
-Replays the spool of charges that could not reach the database, then asks
+Replays the spool of charges that could not reach the database, writes the
+records of requests whose worker died (``billing.recovery``), then asks
 OpenRouter's generation endpoint for the cost of every pending record (read
 by ``parse_generation``, the same rule as in-process settlement: for BYOK,
 OpenRouter's fee plus the provider's price). It is
@@ -20,6 +21,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
 from billing.models import UsageRecord
+from billing.recovery import recover_lost_requests
 from billing.services import give_up_pending
 from billing.spool import replay_spool
 from openrouter_proxy.settlement import apply_generation_cost, generation_request, parse_generation
@@ -42,6 +44,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         replayed = replay_spool()
+        # Requests of workers that died: recorded now, pending when the upstream
+        # had answered, so the loop below settles them like any other.
+        recovered = len(recover_lost_requests(limit=options["limit"]))
         now = timezone.now()
         give_up_before = now - timedelta(hours=options["give_up_after"])
         pending = list(
@@ -72,6 +77,7 @@ class Command(BaseCommand):
                 if index % 100 == 0:
                     self.stderr.write(f"… {index}/{len(pending)} pending records looked at")
         self.stdout.write(
-            f"reconcile_usage: {replayed} spooled replayed, {len(pending)} pending looked at, "
+            f"reconcile_usage: {replayed} spooled replayed, {recovered} recovered from dead "
+            f"workers, {len(pending)} pending looked at, "
             f"{settled} settled, {unknown} still pending, {given_up} marked unpriced."
         )

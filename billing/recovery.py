@@ -1,0 +1,190 @@
+"""Charges that survive the death of the worker relaying them.
+
+A worker that is killed (``kill -9``, the out-of-memory killer, a deploy that
+does not wait) takes the state of its requests with it: the generations it
+was relaying happened, and the provider bills the operator for them, but the
+worker will never write their usage records. So every admitted request leaves
+a write-ahead trace, an :class:`~billing.models.OpenRequest` row, as soon as it
+is admitted (beside the upstream call, not in its way); the row learns the
+generation id when the upstream answers and is deleted once the usage record
+is written. Every serving worker keeps a :class:`~billing.models.WorkerHeartbeat`
+fresh.
+
+:func:`recover_lost_requests` (run by every live worker from time to time and
+by ``manage.py reconcile_usage``) finds the traces whose worker has stopped
+beating and writes their records as the dead worker would have: pending when
+a generation id is known, so the generation stats settle it and its slot
+comes back; unpriced and visible when the upstream had not answered yet. A
+trace whose record exists already (the worker died between the two writes)
+is simply dropped. Everything is idempotent and safe on several hosts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from billing.conf import billing_settings
+from billing.models import OpenRequest, Outcome, Settlement, UsageRecord, WorkerHeartbeat
+from billing.services import Recorded, UsageDraft, record_usage
+from billing.usage import ReportedUsage
+
+logger = logging.getLogger(__name__)
+
+_worker: tuple[int, uuid.UUID] | None = None
+
+
+def worker_id() -> uuid.UUID:
+    """This process's identity in the heartbeat table (new in every process, forked ones too)."""
+    global _worker
+    pid = os.getpid()
+    if _worker is None or _worker[0] != pid:
+        _worker = (pid, uuid.uuid4())
+    return _worker[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """What is known of a request at admission, enough to bill it if its worker dies."""
+
+    request_id: uuid.UUID
+    user_id: int
+    endpoint: str
+    streamed: bool
+    requested_model: str = ""
+    api_key_id: int | None = None
+    api_key_label: str = ""
+
+
+def open_request(trace: Trace) -> None:
+    """Write the trace of an admitted request (a no-op if it exists)."""
+    with contextlib.suppress(IntegrityError):
+        OpenRequest.objects.create(
+            request_id=trace.request_id,
+            user_id=trace.user_id,
+            api_key_id=trace.api_key_id,
+            api_key_label=trace.api_key_label[:40],
+            endpoint=trace.endpoint,
+            requested_model=trace.requested_model[:200],
+            streamed=trace.streamed,
+            worker=worker_id(),
+        )
+
+
+def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:
+    """The upstream answered: from now on the generation stats can price the request."""
+    OpenRequest.objects.filter(request_id=request_id).update(
+        generation_id=generation_id[:120], answered_at=timezone.now()
+    )
+
+
+def close_request(request_id: uuid.UUID) -> None:
+    """The request's usage record is written: its trace is no longer needed."""
+    OpenRequest.objects.filter(request_id=request_id).delete()
+
+
+def beat() -> None:
+    """Say this worker is alive (creating its heartbeat on the first call)."""
+    now = timezone.now()
+    me = worker_id()
+    updated = WorkerHeartbeat.objects.filter(worker=me).update(seen_at=now)
+    if not updated:
+        WorkerHeartbeat.objects.update_or_create(
+            worker=me,
+            defaults={"host": socket.gethostname()[:255], "pid": os.getpid(), "seen_at": now},
+        )
+
+
+def retire() -> None:
+    """A worker stopping cleanly forgets its heartbeat; traces left behind become recoverable."""
+    WorkerHeartbeat.objects.filter(worker=worker_id()).delete()
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    request_id: uuid.UUID
+    generation_id: str
+    recorded: Recorded | None
+
+
+def lost_requests(limit: int = 500) -> list[OpenRequest]:
+    """Traces whose worker is no longer alive: its heartbeat is stale or gone.
+
+    A trace younger than the staleness delay is left alone too: its worker may
+    not have written its first heartbeat yet. This process's own traces are
+    never taken: it is alive, whatever its heartbeat says.
+    """
+    stale_before = timezone.now() - timedelta(seconds=billing_settings.WORKER_STALE_AFTER)
+    alive = WorkerHeartbeat.objects.filter(seen_at__gte=stale_before).values("worker")
+    return list(
+        OpenRequest.objects.exclude(worker__in=alive)
+        .exclude(worker=worker_id())
+        .filter(created_at__lt=stale_before)
+        .order_by("created_at")[:limit]
+    )
+
+
+def recover_lost_requests(limit: int = 500) -> list[Recovered]:
+    """Write the usage records that dead workers never wrote; returns what was recovered."""
+    recovered = []
+    for trace in lost_requests(limit):
+        with transaction.atomic():
+            locked = (
+                OpenRequest.objects.select_for_update(skip_locked=True).filter(pk=trace.pk).first()
+            )
+            if locked is None:
+                continue  # another host is recovering it
+            if UsageRecord.objects.filter(request_id=locked.request_id).exists():
+                locked.delete()
+                continue
+            recorded = record_usage(_draft(locked))
+            locked.delete()
+        recovered.append(Recovered(locked.request_id, locked.generation_id, recorded))
+        logger.warning(
+            "request %s of a dead worker recovered as %s",
+            locked.request_id,
+            recorded.settlement if recorded else "duplicate",
+        )
+    return recovered
+
+
+def _draft(trace: OpenRequest) -> UsageDraft:
+    answered = bool(trace.generation_id)
+    return UsageDraft(
+        request_id=trace.request_id,
+        user_id=trace.user_id,
+        endpoint=trace.endpoint,
+        streamed=trace.streamed,
+        outcome=Outcome.WORKER_LOST,
+        usage=ReportedUsage(generation_id=trace.generation_id or None),
+        api_key_id=trace.api_key_id,
+        api_key_label=trace.api_key_label,
+        requested_model=trace.requested_model,
+        created_at=trace.created_at,
+        error_message=(
+            "the worker relaying it died; priced from generation stats"
+            if answered
+            else "the worker died before the upstream answered; nothing known to bill"
+        ),
+        # The upstream may have started generating: never assume it was free.
+        cost_unknown=True,
+    )
+
+
+def pending_after_recovery(recovered: list[Recovered]) -> list[tuple[uuid.UUID, str]]:
+    """Recovered requests waiting for their cost: (request id, generation id)."""
+    return [
+        (item.request_id, item.generation_id)
+        for item in recovered
+        if item.generation_id
+        and item.recorded is not None
+        and item.recorded.settlement == Settlement.PENDING
+    ]
