@@ -4,14 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck check bench fake clean
+.PHONY: install run test lint typecheck check bench fake clean clients
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Python 3.11 or newer is needed (set PYTHON=python3.12 ...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[site,test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +29,11 @@ test: $(STAMP)
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
+# The npm clients the end-to-end tests run (opencode, Claude Code, Codex), pinned, into var/.
+# The tests install them on first use too; this does it up front (CI).
+clients: $(STAMP)
+	$(BIN)/python -m tests.npm_clients
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -36,7 +41,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy .
 
-# The benchmark table (see README); BENCH_ARGS="--short" for a quick run.
+# Django's system checks (every setting of the two apps) and missing migrations.
+check: $(STAMP)
+	$(BIN)/python manage.py check --fail-level ERROR
+	$(BIN)/python manage.py makemigrations --check --dry-run
+
+# The benchmark tables (see README's Performance): us, nginx, LiteLLM and Portkey against the
+# same fake upstream, about 15 minutes. BENCH_ARGS="--short" for the quick run CI does (nothing
+# installed, nothing asserted); BENCH_ARGS="--profile" adds py-spy profiles of one worker of ours.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from decimal import Decimal
 from pathlib import Path
@@ -16,7 +15,7 @@ from billing.services import balance_of, check_ledger
 from openrouter_proxy.testing.fake_openrouter import ANSWER_TEXT, SeenRequest
 from terragon.management.commands.serve import opencode_config
 from tests.conftest import SERVER_KEY, Account, Gateway
-from tests.opencode_cli import OPENCODE_VERSION, OpencodeUnavailable, opencode_binary
+from tests.npm_clients import OPENCODE, isolated_env, require
 from tests.servers import wait_until
 
 MODEL = "x-ai/grok-code-fast-1"
@@ -43,33 +42,12 @@ OFFLINE = {
 
 @pytest.fixture(scope="session")
 def opencode() -> Path:
-    try:
-        return opencode_binary()
-    except OpencodeUnavailable as exc:
-        pytest.skip(f"opencode-ai@{OPENCODE_VERSION} is not installable here: {exc}")
+    return require(OPENCODE)
 
 
-def isolated_env(root: Path, token: str) -> dict[str, str]:
-    """A fresh HOME and XDG folders under ``root``; nothing inherited but PATH."""
-    dirs = {
-        "HOME": root / "home",
-        "XDG_CONFIG_HOME": root / "config",
-        "XDG_DATA_HOME": root / "data",
-        "XDG_CACHE_HOME": root / "cache",
-        "XDG_STATE_HOME": root / "state",
-        "TMPDIR": root / "tmp",
-    }
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": "C.UTF-8",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-        **{name: str(path) for name, path in dirs.items()},
-        **OFFLINE,
-        "TERRAGON_TOKEN": token,
-    }
+def opencode_env(root: Path, token: str) -> dict[str, str]:
+    """An isolated home under ``root``, opencode kept offline, and the token for its config."""
+    return {**isolated_env(root), **OFFLINE, "TERRAGON_TOKEN": token}
 
 
 def json_events(stdout: str) -> list[dict[str, Any]]:
@@ -90,7 +68,7 @@ def chat_requests(gateway: Gateway) -> list[SeenRequest]:
 def test_opencode_run_is_answered_through_the_proxy_and_billed(
     gateway: Gateway, live_account: Account, opencode: Path, tmp_path: Path
 ) -> None:
-    env = isolated_env(tmp_path, live_account.token)
+    env = opencode_env(tmp_path, live_account.token)
     config = Path(env["XDG_CONFIG_HOME"]) / "opencode" / "opencode.json"
     config.parent.mkdir(parents=True)
     config.write_text(json.dumps(opencode_config(f"{gateway.proxy}/v1"), indent=2))
