@@ -15,6 +15,7 @@ run are backed by indexes.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -49,9 +50,11 @@ from billing.admin_tools import (
 from billing.conf import billing_settings
 from billing.dashboard import dashboard_view
 from billing.exports import usage_csv_response
+from billing.key_admin import key_admin_url
 from billing.models import (
     CreditAccount,
     CreditLedgerEntry,
+    KeyMeter,
     LedgerKind,
     ModelPrice,
     Outcome,
@@ -247,6 +250,7 @@ class UserActivityAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "failures_display",
         "last_request_display",
         "top_model_display",
+        "keys_display",
     ]
     list_display_links = None
     search_fields = ["username", "email"]
@@ -285,15 +289,16 @@ class UserActivityAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="User", ordering="username")
     def user_display(self, user: Any) -> str:
+        keys = key_admin_url(user.pk)
         return format_html(
             '<strong>{}</strong><br><span class="quiet">{}</span>'
             '<span class="row-links"><a href="{}">records</a> · <a href="{}">ledger</a> · '
-            '<a href="{}">keys</a> · <a href="{}">chart</a></span>',
+            '{}<a href="{}">chart</a></span>',
             user.get_username(),
             user.email,
             admin_url("billing_usagerecord_changelist", user=user.pk),
             admin_url("billing_creditledgerentry_changelist", user=user.pk),
-            admin_url("apikeys_apikey_changelist", user=user.pk),
+            format_html('<a href="{}">keys</a> · ', keys) if keys else "",
             admin_url("billing_dashboard", user=user.pk),
         )
 
@@ -362,6 +367,44 @@ class UserActivityAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def top_model_display(self, user: Any) -> str:
         return user.top_model or "—"
 
+    # A user's keys listed on their row, most spent first; more are on the keys' page.
+    KEYS_SHOWN = 4
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        changelist = super().get_changelist_instance(request)
+        # The page's key meters in one query, not one per row.
+        self._meters: dict[int, list[KeyMeter]] = {}
+        users = [user.pk for user in changelist.result_list]
+        for meter in KeyMeter.objects.filter(user_id__in=users).order_by("-spent", "api_key_id"):
+            self._meters.setdefault(meter.user_id, []).append(meter)
+        return changelist
+
+    @admin.display(description="Keys: spent / cap, today (UTC) / cap, rate")
+    def keys_display(self, user: Any) -> str:
+        meters = getattr(self, "_meters", {}).get(user.pk, [])
+        if not meters:
+            return mark_safe('<span class="quiet">—</span>')
+        today = timezone.now().astimezone(UTC).date()
+        lines = [
+            format_html(
+                '<span class="key-meter"><code>{}</code> {} · today {}{}</span>',
+                meter.label or f"#{meter.api_key_id}",
+                _spent_against(meter.spent, meter.spend_limit),
+                _spent_against(meter.spent_on(today), meter.daily_spend_limit),
+                f" · {meter.requests_per_minute:,}/min" if meter.requests_per_minute else "",
+            )
+            for meter in meters[: self.KEYS_SHOWN]
+        ]
+        more = len(meters) - self.KEYS_SHOWN
+        keys = key_admin_url(user.pk)
+        if more > 0:
+            lines.append(
+                format_html('<a href="{}">{} more</a>', keys, more)
+                if keys
+                else format_html('<span class="quiet">{} more</span>', more)
+            )
+        return mark_safe("<br>".join(lines))  # noqa: S308  (each line is escaped)
+
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> Any:
@@ -388,6 +431,13 @@ class UserActivityAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return grant_page(
             request, users, form, self.admin_site.each_context(request), action="grant_or_adjust"
         )
+
+
+def _spent_against(spent: Decimal, cap: Decimal | None) -> str:
+    if cap is None:
+        return usd(spent)
+    css = "money-none" if spent >= cap else ""
+    return format_html('<span class="money {}">{} / {}</span>', css, usd(spent), usd(cap))
 
 
 def _money_cell(amount: Decimal) -> str:

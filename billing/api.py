@@ -1,9 +1,10 @@
 """The billing REST API: a caller's balance, usage, ledger and keys.
 
-Authenticated by the site's DRF authentication (the proxy's API keys in the
-Terragon site). Lists are newest first, paginated with ``count``, ``next``
-and ``previous``, and filterable by ``since``/``until`` (ISO 8601) and, for
-usage, ``model``. Errors use the same OpenAI-style JSON as the proxy.
+Authenticated like the proxy (``X-Daemon-Token`` or ``Authorization: Bearer``,
+checked by the host's key verifier), whatever the host's DRF defaults say.
+Lists are newest first, paginated with ``count``, ``next`` and ``previous``,
+and filterable by ``since``/``until`` (ISO 8601) and, for usage, ``model``.
+Errors use the same OpenAI-style JSON as the proxy.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from drf_spectacular.utils import (
 from rest_framework import exceptions, serializers
 from rest_framework.generics import ListAPIView
 from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler
@@ -35,6 +37,7 @@ from rest_framework.views import APIView, exception_handler
 from billing.models import CreditLedgerEntry, KeyMeter, UsageRecord
 from billing.money import format_usd
 from billing.services import balance_of
+from openrouter_proxy.authentication import ApiKeyAuthentication
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +175,11 @@ TIME_RANGE = [
 
 
 class BillingAPIView(APIView):
+    # The API's own guarantees, whatever the host's DRF defaults: the proxy's keys, and
+    # nothing for an anonymous caller (401, with a WWW-Authenticate header).
+    authentication_classes = [ApiKeyAuthentication]
+    permission_classes = [IsAuthenticated]
+
     def get_exception_handler(self) -> Any:
         return openai_style_exception_handler
 
@@ -306,4 +314,5 @@ class KeyListView(BillingAPIView, ListAPIView):  # type: ignore[type-arg]
     pagination_class = NewestFirstPagination
 
     def get_queryset(self) -> QuerySet[KeyMeter]:
-        return KeyMeter.objects.filter(user=self.request.user).order_by("-api_key_id")
+        user_id = int(self.request.user.pk or 0)  # authenticated: never 0
+        return KeyMeter.objects.filter(user_id=user_id).order_by("-api_key_id")

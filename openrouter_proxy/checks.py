@@ -24,21 +24,7 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
                 id="openrouter_proxy.E001",
             )
         )
-    try:
-        verifier = import_string(proxy_settings.KEY_VERIFIER)
-    except ImportError as error:
-        messages.append(
-            Error(
-                f"OPENROUTER_PROXY_KEY_VERIFIER cannot be imported: {error}",
-                hint="Name a callable taking a token and returning a Caller or None.",
-                id="openrouter_proxy.E002",
-            )
-        )
-    else:
-        if not callable(verifier):
-            messages.append(
-                Error("OPENROUTER_PROXY_KEY_VERIFIER is not callable.", id="openrouter_proxy.E002")
-            )
+    messages += _check_verifier(proxy_settings.KEY_VERIFIER)
     models = proxy_settings.ALLOWED_MODELS
     if not models or not all(isinstance(pattern, str) and pattern for pattern in models):
         messages.append(
@@ -58,14 +44,24 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
             "MAX_CONNECTIONS": proxy_settings.MAX_CONNECTIONS,
         }
         bad = [name for name, value in numbers.items() if value <= 0]
-        delays = proxy_settings.SETTLE_DELAYS
-        if any(delay < 0 for delay in delays):
-            bad.append("SETTLE_DELAYS")
+        if proxy_settings.DB_THREADS < 1:
+            bad.append("DB_THREADS")
+        zero_or_more = {
+            "SETTLE_DELAYS": min(proxy_settings.SETTLE_DELAYS, default=0),
+            "KEY_CACHE_SECONDS": proxy_settings.KEY_CACHE_SECONDS,
+            "SHUTDOWN_GRACE": proxy_settings.SHUTDOWN_GRACE,
+            "CORS_MAX_AGE": proxy_settings.CORS_MAX_AGE,
+        }
+        negative = [name for name, value in zero_or_more.items() if value < 0]
     except (TypeError, ValueError):
-        bad = ["(a value that is not a number)"]
+        bad, negative = ["(a value that is not a number)"], []
     for name in bad:
         messages.append(
             Error(f"OPENROUTER_PROXY_{name} must be a positive number.", id="openrouter_proxy.E004")
+        )
+    for name in negative:
+        messages.append(
+            Error(f"OPENROUTER_PROXY_{name} must not be negative.", id="openrouter_proxy.E004")
         )
     if proxy_settings.TRANSPORT not in {"aiohttp", "httpx"}:
         messages.append(
@@ -98,6 +94,7 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
                 id="openrouter_proxy.E007",
             )
         )
+    messages += _check_metrics_access()
     if not proxy_settings.API_KEY:
         messages.append(
             Warning(
@@ -107,3 +104,60 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
             )
         )
     return messages
+
+
+def _check_verifier(path: str) -> list[CheckMessage]:
+    """The host's verifier: named, importable (whatever its module raises) and callable."""
+    hint = (
+        "Name a callable taking a token and returning an openrouter_proxy.callers.Caller "
+        'or None, e.g. OPENROUTER_PROXY_KEY_VERIFIER = "mysite.auth.verify_gateway_token".'
+    )
+    if not path:
+        message = "OPENROUTER_PROXY_KEY_VERIFIER is not set."
+        return [Error(message, hint=hint, id="openrouter_proxy.E002")]
+    try:
+        verifier = import_string(path)
+    except Exception as error:  # a module that fails to import is reported, not raised
+        return [
+            Error(
+                f"OPENROUTER_PROXY_KEY_VERIFIER {path!r} cannot be imported: "
+                f"{type(error).__name__}: {error}",
+                hint=hint,
+                id="openrouter_proxy.E002",
+            )
+        ]
+    if not callable(verifier):
+        return [
+            Error(
+                f"OPENROUTER_PROXY_KEY_VERIFIER {path!r} is not callable.",
+                hint=hint,
+                id="openrouter_proxy.E002",
+            )
+        ]
+    return []
+
+
+def _check_metrics_access() -> list[CheckMessage]:
+    import ipaddress
+
+    from django.conf import settings
+
+    allowed = getattr(settings, "OPENROUTER_PROXY_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
+    token = getattr(settings, "OPENROUTER_PROXY_METRICS_TOKEN", "")
+    try:
+        if isinstance(allowed, str):
+            raise TypeError
+        for item in allowed:
+            ipaddress.ip_network(item, strict=False)
+        if not isinstance(token, str):
+            raise TypeError
+    except (TypeError, ValueError):
+        return [
+            Error(
+                "OPENROUTER_PROXY_METRICS_ALLOWED_IPS must be a list of addresses or networks "
+                "and OPENROUTER_PROXY_METRICS_TOKEN a string.",
+                hint='For example ["127.0.0.1", "::1", "10.0.0.0/8"] and "" (no token).',
+                id="openrouter_proxy.E008",
+            )
+        ]
+    return []

@@ -35,7 +35,8 @@ class ProxySettings:
 
     @property
     def KEY_VERIFIER(self) -> str:
-        return str(self._get("KEY_VERIFIER", "terragon.apikeys.verifier.verify_api_key"))
+        """The host's verifier, a dotted path; no default (``checks.py`` says if missing)."""
+        return str(self._get("KEY_VERIFIER", "") or "")
 
     @property
     def ALLOWED_MODELS(self) -> tuple[str, ...]:

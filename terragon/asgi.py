@@ -10,4 +10,5 @@ site_application = get_asgi_application()
 
 from openrouter_proxy.asgi import with_proxy_fast_path  # noqa: E402  (needs Django set up)
 
-application = with_proxy_fast_path(site_application, "/api/proxy/openrouter")
+# The prefix is where terragon/urls.py includes openrouter_proxy.urls.
+application = with_proxy_fast_path(site_application)

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from billing.models import CreditLedgerEntry, LedgerKind, UsageRecord
 from billing.services import bill
-from openrouter_proxy.testing.fake_openrouter import GenerationStats
+from devtools.fake_openrouter import GenerationStats
 
 
 def assert_each_request_charged_once(generations: Mapping[str, GenerationStats]) -> Decimal:

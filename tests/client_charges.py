@@ -18,7 +18,7 @@ from django.conf import settings
 from billing.models import CostSource, CreditAccount, Outcome, Settlement, UsageRecord
 from billing.money import quantize
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import SeenRequest
+from devtools.fake_openrouter import SeenRequest
 from tests.conftest import SERVER_KEY, Gateway
 
 #: The credit ``make_account`` grants.

@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from hypothesis import settings as settings_profiles
 
 from billing.services import grant_credits
-from openrouter_proxy.testing.fake_openrouter import (
+from devtools.fake_openrouter import (
     FakeOpenRouter,
     RunningFake,
     run_fake_openrouter,

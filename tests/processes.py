@@ -16,7 +16,7 @@ import httpx
 from django.conf import settings
 from django.db import connection
 
-from openrouter_proxy.testing.fake_openrouter import bind_socket
+from devtools.fake_openrouter import bind_socket
 from tests.servers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
-"""Real servers for tests (see ``openrouter_proxy.testing.servers``)."""
+"""Real servers for tests (see ``devtools.servers``)."""
 
-from openrouter_proxy.testing.servers import serve_in_thread, wait_until
+from devtools.servers import serve_in_thread, wait_until
 
 __all__ = ["serve_in_thread", "wait_until"]

@@ -31,7 +31,7 @@ from billing.models import (
     UsageRecord,
 )
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import RunningFake
+from devtools.fake_openrouter import RunningFake
 from terragon.apikeys.models import ApiKey
 from terragon.apikeys.verifier import verify_api_key
 from tests.conftest import Account, make_account

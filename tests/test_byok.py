@@ -24,7 +24,7 @@ from django.core.management import call_command
 
 from billing.models import CostSource, CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, bill, check_ledger
-from openrouter_proxy.testing.fake_openrouter import GenerationStats
+from devtools.fake_openrouter import GenerationStats
 from tests.conftest import Account, Gateway
 from tests.faults.common import CHAT, STREAM_CHAT, sse_events
 from tests.waiting import wait_for

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from billing.models import CostSource
-from openrouter_proxy.testing.fake_openrouter import ANSWER_TEXT
+from devtools.fake_openrouter import ANSWER_TEXT
 from tests.client_charges import (
     MARKUP,
     assert_charged_the_fake_cost,

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from billing.models import CostSource
+from devtools.fake_openrouter import ANSWER_TEXT
 from openrouter_proxy.conf import DEFAULT_ALLOWED_MODELS
-from openrouter_proxy.testing.fake_openrouter import ANSWER_TEXT
 from tests.client_charges import (
     MARKUP,
     assert_charged_the_fake_cost,

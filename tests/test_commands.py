@@ -18,7 +18,7 @@ from billing.models import CostSource, CreditAccount, ModelPrice, Outcome, Settl
 from billing.services import UsageDraft, admit_request, balance_of, check_ledger, record_usage
 from billing.spool import spool_draft, spooled_paths
 from billing.usage import ReportedUsage
-from openrouter_proxy.testing.fake_openrouter import RunningFake
+from devtools.fake_openrouter import RunningFake
 from tests.conftest import SERVER_KEY, Account
 from tests.servers import wait_until
 

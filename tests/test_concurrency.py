@@ -17,7 +17,7 @@ from django.db.models import Sum
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import RunningFake
+from devtools.fake_openrouter import RunningFake
 from tests.conftest import Account, make_account
 from tests.processes import uvicorn_workers
 from tests.servers import wait_until

@@ -44,8 +44,8 @@ from billing.spool import (
     spooled_paths,
 )
 from billing.usage import ReportedUsage
+from devtools.fake_openrouter import bind_socket
 from openrouter_proxy import asgi, settlement
-from openrouter_proxy.testing.fake_openrouter import bind_socket
 from openrouter_proxy.transport import AiohttpTransport
 from tests.conftest import Account, Gateway
 from tests.faults.common import CHAT, CHAT_PATH, STREAM_CHAT, port_of
@@ -149,7 +149,7 @@ async def test_transport_pool_wait_times_out_as_pool_timeout() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"x", "more_body": False})
 
-    from openrouter_proxy.testing.servers import serve_in_thread
+    from devtools.servers import serve_in_thread
 
     with serve_in_thread(app, lifespan="off") as url:
         transport = AiohttpTransport(httpx.Limits(max_connections=1))

@@ -22,7 +22,7 @@ import openai
 import pytest
 from openai.types.responses import ResponseCompletedEvent
 
-from openrouter_proxy.testing.fake_openrouter import (
+from devtools.fake_openrouter import (
     ANSWER_TEXT,
     FakeOpenRouter,
     GenerationStats,

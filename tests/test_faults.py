@@ -36,8 +36,8 @@ from billing.models import CostSource, CreditAccount, Outcome, Settlement, Usage
 from billing.services import UsageDraft, balance_of, check_ledger
 from billing.spool import spool_draft, spooled_paths
 from billing.usage import ReportedUsage
+from devtools.fake_openrouter import FakeOpenRouter, RunningFake, bind_socket
 from openrouter_proxy.settlement import pending_tasks
-from openrouter_proxy.testing.fake_openrouter import FakeOpenRouter, RunningFake, bind_socket
 from tests.conftest import BROKEN_VERIFIER, Account, Gateway, make_account
 from tests.faults.common import (
     CHAT,

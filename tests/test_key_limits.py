@@ -37,9 +37,9 @@ from billing.services import (
 )
 from billing.signals import key_limit_reached
 from billing.usage import ReportedUsage
+from devtools.fake_openrouter import RunningFake
 from openrouter_proxy import metrics
 from openrouter_proxy.callers import KeyLimits
-from openrouter_proxy.testing.fake_openrouter import RunningFake
 from terragon.apikeys.checks import check_apikey_settings
 from terragon.apikeys.models import ApiKey
 from terragon.apikeys.verifier import verify_api_key

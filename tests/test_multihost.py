@@ -23,7 +23,7 @@ from django.db.models import Sum
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import RunningFake
+from devtools.fake_openrouter import RunningFake
 from tests.books import assert_each_request_charged_once
 from tests.conftest import make_account
 from tests.faults.common import CHAT, report

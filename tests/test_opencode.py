@@ -12,7 +12,7 @@ import pytest
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import ANSWER_TEXT, SeenRequest
+from devtools.fake_openrouter import ANSWER_TEXT, SeenRequest
 from terragon.management.commands.serve import opencode_config
 from tests.conftest import SERVER_KEY, Account, Gateway
 from tests.npm_clients import OPENCODE, isolated_env, require

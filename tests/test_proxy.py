@@ -418,7 +418,7 @@ def test_body_over_the_limit_is_413(gateway: Gateway, live_account: Account, set
 def test_upstream_unreachable_is_502(
     gateway: Gateway, live_account: Account, settings: Any
 ) -> None:
-    from openrouter_proxy.testing.fake_openrouter import bind_socket
+    from devtools.fake_openrouter import bind_socket
 
     closed = bind_socket("127.0.0.1", 0)
     port = closed.getsockname()[1]

@@ -17,9 +17,9 @@ from django.db import OperationalError
 from billing.models import CostSource, Outcome, Settlement, UsageRecord
 from billing.services import UsageDraft, balance_of, check_ledger, record_usage
 from billing.usage import ReportedUsage
+from devtools.fake_openrouter import GenerationStats, RunningFake
 from openrouter_proxy import settlement
 from openrouter_proxy.settlement import GenerationCost, parse_generation, settle_from_generation
-from openrouter_proxy.testing.fake_openrouter import GenerationStats, RunningFake
 from tests.conftest import Account
 
 # The fields of a real answer (OpenRouter's OpenAPI document, GenerationResponse),

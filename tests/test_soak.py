@@ -26,7 +26,7 @@ from django.db.models import Sum
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing.fake_openrouter import FakeOpenRouter, run_fake_openrouter
+from devtools.fake_openrouter import FakeOpenRouter, run_fake_openrouter
 from tests import soak
 from tests.books import assert_each_request_charged_once
 from tests.conftest import SERVER_KEY, make_account

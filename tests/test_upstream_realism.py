@@ -40,8 +40,8 @@ from billing.models import (
     UsageRecord,
 )
 from billing.services import balance_of, check_ledger
-from openrouter_proxy.testing import fake_openrouter
-from openrouter_proxy.testing.fake_openrouter import (
+from devtools import fake_openrouter
+from devtools.fake_openrouter import (
     ANSWER_TEXT,
     FakeOpenRouter,
     GenerationStats,

@@ -42,7 +42,7 @@ from billing.recovery import (
     worker_id,
 )
 from billing.services import UsageDraft, balance_of, check_ledger, record_usage
-from openrouter_proxy.testing.fake_openrouter import RunningFake
+from devtools.fake_openrouter import RunningFake
 from tests.books import assert_each_request_charged_once
 from tests.conftest import SERVER_KEY, Account, Gateway, make_account
 from tests.faults.common import report

@@ -1,7 +1,8 @@
 """``manage.py serve``: what ``make run`` runs.
 
-Migrates, makes sure a demo user with credit exists, issues a daemon token,
-prints it with an opencode configuration, and serves the site under uvicorn.
+Migrates, makes sure a demo user with credit exists, reuses the daemon token of
+the last start (``var/demo-token``) or issues one, prints it with an opencode
+configuration, and serves the site under uvicorn.
 Without ``OPENROUTER_API_KEY`` it starts the fake OpenRouter on loopback and
 points the proxy at it, so everything works offline.
 """
@@ -18,6 +19,7 @@ import sys
 import time
 from datetime import timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -27,10 +29,14 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from billing.money import format_usd
 from billing.services import balance_of, grant_credits
+from openrouter_proxy.callers import ApiKeyRejected
 from terragon.apikeys.models import ApiKey
+from terragon.apikeys.verifier import verify_api_key
 
 DEMO_USERNAME = "demo"
 DEMO_CREDIT = Decimal(10)
+# Under VAR_DIR: the demo token, reused between starts while it works.
+DEMO_TOKEN_FILE = "demo-token"  # noqa: S105  (a file name)
 OPENCODE_MODELS = {
     "grok-code": {"id": "x-ai/grok-code-fast-1", "name": "Grok Code Fast 1"},
     "qwen3-coder": {"id": "qwen/qwen3-coder:exacto", "name": "Qwen3 Coder 480B"},
@@ -175,5 +181,29 @@ class Command(BaseCommand):
         if balance_of(user) < 1:
             grant_credits(user, DEMO_CREDIT - balance_of(user), note="demo credit for make run")
         self.stdout.write(f"Demo user {DEMO_USERNAME!r} has ${format_usd(balance_of(user))}.")
+        return self.demo_token(user)
+
+    def demo_token(self, user: Any) -> str:
+        """The token of the last start while it still works, else a new one (kept for the next)."""
+        path = Path(settings.VAR_DIR) / DEMO_TOKEN_FILE
+        try:
+            kept = path.read_text().strip()
+        except FileNotFoundError:
+            kept = ""
+        if kept:
+            try:
+                caller = verify_api_key(kept)
+            except ApiKeyRejected:
+                caller = None
+            if caller is not None and caller.user.pk == user.pk:
+                self.stdout.write(
+                    f"Reusing the demo token kept in {path} (delete the file for a new one)."
+                )
+                return kept
         _, token = ApiKey.objects.issue(user, name="make-run", expires_in=timedelta(days=30))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(token)
+        self.stdout.write(f"Issued a new demo token (valid 30 days), kept in {path} for next time.")
         return token

@@ -49,7 +49,7 @@ from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from openrouter_proxy.testing.servers import bind_socket, serve_in_thread, url_for
+from devtools.servers import bind_socket, serve_in_thread, url_for
 
 __all__ = [
     "ANSWER_TEXT",

@@ -1,7 +1,7 @@
 """``manage.py fake_openrouter``: serve the fake OpenRouter as a standalone process.
 
 The demo and the benchmark need an OpenRouter they can hammer without a network
-or an account; this serves ``openrouter_proxy.testing.fake_openrouter`` with
+or an account; this serves ``devtools.fake_openrouter`` with
 uvicorn and prints the base URL to point the proxy at.
 """
 
@@ -12,13 +12,13 @@ from typing import Any
 import uvicorn
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from openrouter_proxy.testing.fake_openrouter import (
+from devtools.fake_openrouter import (
     FAKE_SERVER_OPTIONS,
     FakeOpenRouter,
     base_url_for,
     parse_mode,
 )
-from openrouter_proxy.testing.servers import bind_socket, quiet_config
+from devtools.servers import bind_socket, quiet_config
 
 
 class Command(BaseCommand):

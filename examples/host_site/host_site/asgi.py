@@ -1,0 +1,20 @@
+"""
+ASGI config for host_site project.
+
+It exposes the ASGI callable as a module-level variable named ``application``.
+
+For more information on this file, see
+https://docs.djangoproject.com/en/5.2/howto/deployment/asgi/
+"""
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'host_site.settings')
+
+application = get_asgi_application()
+
+from openrouter_proxy.asgi import with_proxy_fast_path  # after get_asgi_application()
+
+application = with_proxy_fast_path(application)  # the proxy's prefix skips the middleware
