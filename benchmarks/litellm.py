@@ -10,11 +10,15 @@ OpenRouter, for ``benchmarks.run`` to load like any other server.
 It installs a pinned release into its own virtualenv under
 ``var/bench-litellm/`` (once: a marker file records the installed version,
 and a file lock keeps two runs from installing at the same time), writes a
-config that forwards one model to the fake, and starts the proxy with one
-worker, no database, no master key (so no ``Authorization`` header is needed;
-this release refuses to start keyless unless its config says
+config that forwards one model to the fake, and starts the proxy with as
+many workers as ours (two in ``make bench``), no database, no master key (so
+no ``Authorization`` header is needed; this release refuses to start keyless
+unless its config says
 ``dangerously_permit_weak_or_unset_master_key: true``, which ours does), quiet
-logs, and everything that would reach the internet switched off.
+logs, and everything that would reach the internet switched off. Its
+documented ``forward_client_headers_to_llm_api`` setting is on, so the
+``X-Fake-Mode`` header of the benchmark's streamed turns reaches the fake, as
+it does through every other server measured.
 
 Nothing here raises when LiteLLM cannot be had: the benchmark goes on without
 that row, and one printed line says why.
@@ -157,6 +161,8 @@ def _write_config(fake_base_url: str, logs_dir: Path, server_key: str) -> Path:
         # Since 1.10x it refuses to start without a master key unless told
         # that this is deliberate: the benchmark wants no auth at all.
         "  dangerously_permit_weak_or_unset_master_key: true",
+        # ``x-`` headers (the fake's X-Fake-Mode) go to the upstream.
+        "  forward_client_headers_to_llm_api: true",
     ]
     config.write_text("\n".join(lines) + "\n")
     return config
@@ -205,18 +211,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def installed() -> bool:
+    """Whether the pinned release is installed already (no network needed to start it)."""
+    return _installed()
+
+
 def start_litellm(
-    fake_base_url: str, port: int, logs_dir: Path, server_key: str
+    fake_base_url: str, port: int, logs_dir: Path, server_key: str, workers: int = 1
 ) -> subprocess.Popen[bytes] | None:
     """Install (once, cached) and start LiteLLM's proxy on 127.0.0.1:``port``.
 
     It forwards ``x-ai/grok-code-fast-1`` to the fake at ``fake_base_url``
     (``.../api``) as an OpenAI-compatible upstream with ``server_key`` as its
-    bearer key; one worker, no database, no master key, so requests need no
-    ``Authorization`` header (other headers, such as ``X-Daemon-Token``, are
-    ignored). Returns the process once a test completion has gone through, or
-    None, after printing one line saying why, if it cannot be installed or
-    started. The caller stops it with SIGINT like the other servers.
+    bearer key; ``workers`` worker processes, no database, no master key, so
+    requests need no ``Authorization`` header (``x-`` headers such as
+    ``X-Fake-Mode`` are forwarded to the fake). Returns the process once a
+    test completion has gone through, or None, after printing one line saying
+    why, if it cannot be installed or started. The caller stops it with SIGINT
+    like the other servers.
     """
     logs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -241,7 +253,7 @@ def start_litellm(
                     "--port",
                     str(port),
                     "--num_workers",
-                    "1",
+                    str(workers),
                 ],
                 cwd=logs_dir,
                 env=_environment(),

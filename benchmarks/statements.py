@@ -15,7 +15,7 @@ from typing import Any
 
 import django
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "terragon.settings")
 django.setup()
 
 import httpx  # noqa: E402
@@ -23,8 +23,8 @@ from django.conf import settings  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.db.backends.signals import connection_created  # noqa: E402
 
-from openrouter_proxy.testing.fake_openrouter import FakeOpenRouter  # noqa: E402
-from openrouter_proxy.testing.servers import serve_in_thread  # noqa: E402
+from devtools.fake_openrouter import FakeOpenRouter  # noqa: E402
+from devtools.servers import serve_in_thread  # noqa: E402
 from terragon.apikeys.models import ApiKey  # noqa: E402
 
 statements: list[tuple[float, str]] = []
