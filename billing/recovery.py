@@ -97,10 +97,12 @@ def beat() -> None:
     me = worker_id()
     updated = WorkerHeartbeat.objects.filter(worker=me).update(seen_at=now)
     if not updated:
-        WorkerHeartbeat.objects.update_or_create(
-            worker=me,
-            defaults={"host": socket.gethostname()[:255], "pid": os.getpid(), "seen_at": now},
-        )
+        # Two plain statements, no read-then-write transaction: SQLite refuses to
+        # upgrade those under concurrent writers instead of waiting its turn.
+        with contextlib.suppress(IntegrityError):
+            WorkerHeartbeat.objects.create(
+                worker=me, host=socket.gethostname()[:255], pid=os.getpid(), seen_at=now
+            )
 
 
 def retire() -> None:

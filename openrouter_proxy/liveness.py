@@ -18,6 +18,8 @@ import contextlib
 import logging
 from typing import Any
 
+from django.db import DatabaseError
+
 from billing.conf import billing_settings
 from billing.recovery import beat, pending_after_recovery, recover_lost_requests, retire
 from openrouter_proxy.db import run_db
@@ -45,9 +47,12 @@ async def _heartbeat() -> None:
                 run_in_background(settle_from_generation(request_id, generation_id))
         except asyncio.CancelledError:
             raise
+        except DatabaseError as error:
+            # A database outage (or a busy SQLite file) must not end the heartbeat:
+            # it beats again at the next interval.
+            logger.warning("worker heartbeat failed (%s); retrying", error)
         except Exception:
-            # A database outage must not end the heartbeat: it beats again when it is back.
-            logger.warning("worker heartbeat failed; retrying", exc_info=True)
+            logger.exception("worker heartbeat failed; retrying")
         await asyncio.sleep(billing_settings.WORKER_HEARTBEAT)
 
 
