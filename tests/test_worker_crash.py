@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from django.utils import timezone
 
 from billing.models import (
@@ -245,9 +246,25 @@ def test_sigkill_mid_stream_loses_no_charge(fake: RunningFake, tmp_path: Path) -
     env: dict[str, Any] = {**FAST_RECOVERY, "BILLING_MAX_IN_FLIGHT": 20}
     with server_process(2, fake.base_url, tmp_path / "server.log", **env) as server:
 
+        def every_trace_knows_its_generation() -> bool:
+            try:
+                traces = OpenRequest.objects.all()
+                return traces.count() == 60 and not traces.filter(generation_id="").exists()
+            finally:
+                connection.close()  # a thread of the event loop's executor
+
+        async def traces_ready() -> bool:
+            return await asyncio.to_thread(every_trace_knows_its_generation)
+
         async def run() -> list[str]:
             streams = asyncio.ensure_future(_streams(server.url, accounts, 60))
-            await asyncio.sleep(1.0)
+            # The kill lands mid-stream, once every trace holds its generation id
+            # (milliseconds after the upstream's headers; a crash inside that
+            # window leaves an unpriced record, see the test of that case above).
+            deadline = time.monotonic() + 30
+            while not await traces_ready():
+                assert time.monotonic() < deadline, "gave up waiting for every stream's trace"
+                await asyncio.sleep(0.02)
             os.kill(server.workers[0], signal.SIGKILL)
             return await streams
 
@@ -259,13 +276,12 @@ def test_sigkill_mid_stream_loses_no_charge(fake: RunningFake, tmp_path: Path) -
         )
         # Recovery by the surviving worker or by reconcile_usage, whichever comes first.
         time.sleep(float(FAST_RECOVERY["BILLING_WORKER_STALE_AFTER"]))
-        for _ in range(2):
+
+        def reconciled() -> bool:
             call_command("reconcile_usage", "--min-age", "0", stdout=StringIO())
-        wait_for(
-            lambda: not UsageRecord.objects.pending().exists() and not OpenRequest.objects.exists(),
-            "every record to be settled and every trace gone",
-            timeout=30,
-        )
+            return not UsageRecord.objects.pending().exists() and not OpenRequest.objects.exists()
+
+        wait_for(reconciled, "every record settled and every trace gone", timeout=60, interval=1)
     cut = sum(1 for outcome in results if outcome != "done")
     assert cut > 0, "the killed worker was relaying some of the streams"
     records = list(UsageRecord.objects.all())
