@@ -81,9 +81,12 @@ _GET = frozenset({"GET"})
 def _metered(
     path: str, reader: Reader, body: BodyKind = BodyKind.JSON, name: str | None = None
 ) -> Endpoint:
-    return Endpoint(
-        path, Policy.METERED, name=name or path.removeprefix("v1/"), reader=reader, body=body
-    )
+    return Endpoint(path, Policy.METERED, name=metered_name(path, name), reader=reader, body=body)
+
+
+def metered_name(path: str, name: str | None = None) -> str:
+    """A metered entry's record name: given, or its path without ``v1/`` (40 characters at most)."""
+    return name or path.removeprefix("v1/")[:40]
 
 
 def _open(path: str) -> Endpoint:
@@ -216,7 +219,7 @@ def _entry_from_setting(raw: Any) -> Endpoint:
     return Endpoint(
         path,
         policy,
-        name=(name or path.removeprefix("v1/")[:40]) if policy is Policy.METERED else "",
+        name=metered_name(path, name) if policy is Policy.METERED else "",
         reader=Reader(reader) if reader is not None else Reader.USAGE,
         methods=allowed,
     )
