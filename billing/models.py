@@ -18,6 +18,7 @@ from django.db.models import Q, Sum
 from django.utils import timezone
 
 from billing.money import MoneyField, NullableMoneyField
+from openrouter_proxy.metering import Outcome as RequestOutcome
 
 
 class CreditAccount(models.Model):
@@ -98,11 +99,13 @@ class CreditLedgerEntry(models.Model):
 
 
 class Outcome(models.TextChoices):
-    COMPLETED = "completed", "Completed"
-    UPSTREAM_ERROR = "upstream_error", "Upstream error"
-    UPSTREAM_UNREACHABLE = "upstream_unreachable", "Upstream unreachable"
-    CLIENT_DISCONNECTED = "client_disconnected", "Client disconnected"
-    WORKER_LOST = "worker_lost", "Worker lost"
+    """How a request ended: the proxy's outcomes (``openrouter_proxy.metering``)."""
+
+    COMPLETED = RequestOutcome.COMPLETED.value, "Completed"
+    UPSTREAM_ERROR = RequestOutcome.UPSTREAM_ERROR.value, "Upstream error"
+    UPSTREAM_UNREACHABLE = RequestOutcome.UPSTREAM_UNREACHABLE.value, "Upstream unreachable"
+    CLIENT_DISCONNECTED = RequestOutcome.CLIENT_DISCONNECTED.value, "Client disconnected"
+    WORKER_LOST = RequestOutcome.WORKER_LOST.value, "Worker lost"
 
 
 class Settlement(models.TextChoices):

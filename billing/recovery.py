@@ -34,8 +34,8 @@ from django.utils import timezone
 
 from billing.conf import billing_settings
 from billing.models import OpenRequest, Outcome, Settlement, UsageRecord, WorkerHeartbeat
-from billing.services import Recorded, UsageDraft, record_usage
-from billing.usage import ReportedUsage
+from billing.services import Recorded, record_usage
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
 

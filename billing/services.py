@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol, overload
@@ -47,33 +47,12 @@ from billing.models import (
 )
 from billing.money import MoneyField, from_units, quantize, to_units
 from billing.signals import credits_low, key_limit_reached
-from billing.usage import ReportedUsage
+from openrouter_proxy.metering import Admission, AdmissionResult, ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
 
 
 # --- Admission: the 402 gate and the overspend bound -------------------------
-
-
-class Admission(enum.Enum):
-    ADMITTED = "admitted"
-    NO_CREDIT = "no_credit"
-    TOO_MANY_IN_FLIGHT = "too_many_in_flight"
-    # The key's own limits (the user's other keys go on).
-    KEY_SPEND_LIMIT = "key_spend_limit"
-    KEY_DAILY_SPEND_LIMIT = "key_daily_spend_limit"
-    RATE_LIMITED = "rate_limited"
-
-
-@dataclass(frozen=True, slots=True)
-class AdmissionResult:
-    admission: Admission
-    # Seconds after which a retry can succeed, when billing can tell.
-    retry_after: int | None = None
-
-    @property
-    def admitted(self) -> bool:
-        return self.admission is Admission.ADMITTED
 
 
 class KeyLimitsLike(Protocol):
@@ -479,31 +458,6 @@ def _one_slot_less() -> Greatest:
 
 
 # --- Recording usage ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class UsageDraft:
-    """Everything known about one proxied request when it ends."""
-
-    request_id: uuid.UUID
-    user_id: int
-    endpoint: str
-    streamed: bool
-    outcome: str
-    usage: ReportedUsage = field(default_factory=ReportedUsage)
-    api_key_id: int | None = None
-    api_key_label: str = ""
-    requested_model: str = ""
-    http_status: int | None = None
-    created_at: datetime = field(default_factory=timezone.now)
-    upstream_latency_ms: int | None = None
-    ttfb_ms: int | None = None
-    error_message: str = ""
-    # The request holds an in-flight slot that recording gives back.
-    holds_slot: bool = True
-    # The request reached the upstream but no answer says what it cost (a
-    # timeout or a broken connection after sending): never assume it was free.
-    cost_unknown: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,8 @@ from django.db import DatabaseError, IntegrityError, connection
 
 from billing.conf import billing_settings
 from billing.models import OpenRequest
-from billing.services import Recorded, UsageDraft, record_usage
-from billing.usage import ReportedUsage
+from billing.services import Recorded, record_usage
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
-from billing.usage import ReportedUsage
 from openrouter_proxy.endpoints import Reader
+from openrouter_proxy.metering import ReportedUsage
 
 logger = logging.getLogger(__name__)
 

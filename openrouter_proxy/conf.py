@@ -39,6 +39,11 @@ class ProxySettings:
         return str(self._get("KEY_VERIFIER", "") or "")
 
     @property
+    def METER(self) -> str:
+        """The host's meter, a dotted path (``metering.py``); empty: nothing is metered."""
+        return str(self._get("METER", "") or "")
+
+    @property
     def ALLOWED_MODELS(self) -> tuple[str, ...]:
         """Glob patterns of model ids that may be requested; ``("*",)`` allows all."""
         return tuple(self._get("ALLOWED_MODELS", DEFAULT_ALLOWED_MODELS))

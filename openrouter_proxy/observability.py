@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 
 from billing.models import Settlement
-from billing.services import Recorded, RecordResult, UsageDraft, bill
+from billing.services import Recorded, RecordResult, bill
 from openrouter_proxy import metrics
+from openrouter_proxy.metering import UsageDraft
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import httpx
 
 from billing.models import CostSource, UsageRecord
 from billing.services import settle_pending
-from billing.usage import byok_total
 from openrouter_proxy import observability
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.db import run_db
+from openrouter_proxy.metering import byok_total
 from openrouter_proxy.upstream import get_client
 
 logger = logging.getLogger(__name__)

@@ -28,16 +28,8 @@ from django.views.decorators.csrf import csrf_exempt
 
 from billing.models import Outcome
 from billing.recovery import Trace, close_request, mark_answered, open_request
-from billing.services import (
-    Admission,
-    AdmissionResult,
-    UsageDraft,
-    admit_request,
-    generation_belongs_to,
-    release_request,
-)
+from billing.services import admit_request, generation_belongs_to, release_request
 from billing.spool import record_usage_durably
-from billing.usage import ReportedUsage
 from openrouter_proxy import observability
 from openrouter_proxy.callers import (
     ApiKeyRejected,
@@ -72,6 +64,7 @@ from openrouter_proxy.errors import (
     error_response,
 )
 from openrouter_proxy.liveness import ensure_heartbeat
+from openrouter_proxy.metering import Admission, AdmissionResult, ReportedUsage, UsageDraft
 from openrouter_proxy.policy import BodyFacts, PolicyRefusal, inspect_body
 from openrouter_proxy.routing import (
     UnsafePath,

@@ -24,9 +24,7 @@ from billing.models import (
     UsageRecord,
 )
 from billing.services import (
-    Admission,
     RecordResult,
-    UsageDraft,
     admit_request,
     balance_of,
     check_ledger,
@@ -37,7 +35,7 @@ from billing.services import (
 )
 from billing.signals import credits_low
 from billing.spool import record_usage_durably, replay_spool, spooled_paths
-from billing.usage import ReportedUsage
+from openrouter_proxy.metering import Admission, ReportedUsage, UsageDraft
 from tests.conftest import Account
 
 

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing.usage import ReportedUsage
 from openrouter_proxy.capture import (
     CaptureResult,
     JSONCapture,
@@ -28,6 +27,7 @@ from openrouter_proxy.capture import (
     UsageCapture,
     capture_for,
 )
+from openrouter_proxy.metering import ReportedUsage
 from tests.logs import no_errors_logged
 
 GEN = "gen-1773323472-VEr1C0GTbU6Nk6QjBC7x"

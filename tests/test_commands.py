@@ -15,10 +15,10 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 from billing.models import CostSource, CreditAccount, ModelPrice, Outcome, Settlement, UsageRecord
-from billing.services import UsageDraft, admit_request, balance_of, check_ledger, record_usage
+from billing.services import admit_request, balance_of, check_ledger, record_usage
 from billing.spool import spool_draft, spooled_paths
-from billing.usage import ReportedUsage
 from devtools.fake_openrouter import RunningFake
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from tests.conftest import SERVER_KEY, Account
 from tests.servers import wait_until
 

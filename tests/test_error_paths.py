@@ -27,14 +27,7 @@ from django.http import Http404
 
 import billing.spool
 from billing.models import CreditAccount, ModelPrice, Outcome, Settlement, UsageRecord
-from billing.services import (
-    RecordResult,
-    UsageDraft,
-    balance_of,
-    grant_credits,
-    price_table_cost,
-    record_usage,
-)
+from billing.services import RecordResult, balance_of, grant_credits, price_table_cost, record_usage
 from billing.signals import credits_low
 from billing.spool import (
     UNREADABLE_SUFFIX,
@@ -43,9 +36,9 @@ from billing.spool import (
     spool_draft,
     spooled_paths,
 )
-from billing.usage import ReportedUsage
 from devtools.fake_openrouter import bind_socket
 from openrouter_proxy import asgi, settlement
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from openrouter_proxy.transport import AiohttpTransport
 from tests.conftest import Account, Gateway
 from tests.faults.common import CHAT, CHAT_PATH, STREAM_CHAT, port_of

@@ -33,10 +33,10 @@ from django.core.management import call_command
 from django.db import connection
 
 from billing.models import CostSource, CreditAccount, Outcome, Settlement, UsageRecord
-from billing.services import UsageDraft, balance_of, check_ledger
+from billing.services import balance_of, check_ledger
 from billing.spool import spool_draft, spooled_paths
-from billing.usage import ReportedUsage
 from devtools.fake_openrouter import FakeOpenRouter, RunningFake, bind_socket
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from openrouter_proxy.settlement import pending_tasks
 from tests.conftest import BROKEN_VERIFIER, Account, Gateway, make_account
 from tests.faults.common import (

@@ -26,8 +26,6 @@ from billing.checks import check_billing_settings
 from billing.models import CreditAccount, KeyMeter, Outcome, UsageRecord
 from billing.services import (
     STAMP,
-    Admission,
-    UsageDraft,
     admit_request,
     check_key_meters,
     check_ledger,
@@ -36,10 +34,10 @@ from billing.services import (
     settle_pending,
 )
 from billing.signals import key_limit_reached
-from billing.usage import ReportedUsage
 from devtools.fake_openrouter import RunningFake
 from openrouter_proxy import metrics
 from openrouter_proxy.callers import KeyLimits
+from openrouter_proxy.metering import Admission, ReportedUsage, UsageDraft
 from terragon.apikeys.checks import check_apikey_settings
 from terragon.apikeys.models import ApiKey
 from terragon.apikeys.verifier import verify_api_key

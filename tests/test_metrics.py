@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing.models import Outcome
-from billing.services import Recorded, RecordResult, UsageDraft, record_usage
-from billing.usage import ReportedUsage
+from billing.services import Recorded, RecordResult, record_usage
 from openrouter_proxy import metrics, observability
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from tests.conftest import Account
 
 GROK = "x-ai/grok-code-fast-1"

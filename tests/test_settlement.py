@@ -15,10 +15,10 @@ import pytest
 from django.db import OperationalError
 
 from billing.models import CostSource, Outcome, Settlement, UsageRecord
-from billing.services import UsageDraft, balance_of, check_ledger, record_usage
-from billing.usage import ReportedUsage
+from billing.services import balance_of, check_ledger, record_usage
 from devtools.fake_openrouter import GenerationStats, RunningFake
 from openrouter_proxy import settlement
+from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from openrouter_proxy.settlement import GenerationCost, parse_generation, settle_from_generation
 from tests.conftest import Account
 

@@ -42,8 +42,9 @@ from billing.recovery import (
     recover_lost_requests,
     worker_id,
 )
-from billing.services import UsageDraft, balance_of, check_ledger, record_usage
+from billing.services import balance_of, check_ledger, record_usage
 from devtools.fake_openrouter import RunningFake
+from openrouter_proxy.metering import UsageDraft
 from tests.books import assert_each_request_charged_once
 from tests.conftest import SERVER_KEY, Account, Gateway, make_account
 from tests.faults.common import report
