@@ -27,7 +27,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -35,7 +35,7 @@ from django.utils import timezone
 from billing.conf import billing_settings
 from billing.models import OpenRequest, Outcome, Settlement, UsageRecord, WorkerHeartbeat
 from billing.services import Recorded, record_usage
-from openrouter_proxy.metering import ReportedUsage, UsageDraft
+from openrouter_proxy.metering import MeteredRequest, PendingGeneration, ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +51,7 @@ def worker_id() -> uuid.UUID:
     return _worker[1]
 
 
-@dataclass(frozen=True, slots=True)
-class Trace:
-    """What is known of a request at admission, enough to bill it if its worker dies."""
-
-    request_id: uuid.UUID
-    user_id: int
-    endpoint: str
-    streamed: bool
-    requested_model: str = ""
-    api_key_id: int | None = None
-    api_key_label: str = ""
-
-
-def open_request(trace: Trace) -> None:
+def open_request(trace: MeteredRequest) -> None:
     """Write the trace of an admitted request (a no-op if it exists)."""
     with contextlib.suppress(IntegrityError):
         OpenRequest.objects.create(
@@ -115,6 +102,7 @@ class Recovered:
     request_id: uuid.UUID
     generation_id: str
     recorded: Recorded | None
+    created_at: datetime
 
 
 def lost_requests(limit: int = 500) -> list[OpenRequest]:
@@ -149,7 +137,9 @@ def recover_lost_requests(limit: int = 500) -> list[Recovered]:
                 continue
             recorded = record_usage(_draft(locked))
             locked.delete()
-        recovered.append(Recovered(locked.request_id, locked.generation_id, recorded))
+        recovered.append(
+            Recovered(locked.request_id, locked.generation_id, recorded, locked.created_at)
+        )
         logger.warning(
             "request %s of a dead worker recovered as %s",
             locked.request_id,
@@ -181,10 +171,10 @@ def _draft(trace: OpenRequest) -> UsageDraft:
     )
 
 
-def pending_after_recovery(recovered: list[Recovered]) -> list[tuple[uuid.UUID, str]]:
-    """Recovered requests waiting for their cost: (request id, generation id)."""
+def pending_after_recovery(recovered: list[Recovered]) -> list[PendingGeneration]:
+    """Recovered requests waiting for their cost."""
     return [
-        (item.request_id, item.generation_id)
+        PendingGeneration(item.request_id, item.generation_id, item.created_at)
         for item in recovered
         if item.generation_id
         and item.recorded is not None

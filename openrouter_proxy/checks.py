@@ -25,6 +25,7 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
             )
         )
     messages += _check_verifier(proxy_settings.KEY_VERIFIER)
+    messages += _check_meter(proxy_settings.METER)
     models = proxy_settings.ALLOWED_MODELS
     if not models or not all(isinstance(pattern, str) and pattern for pattern in models):
         messages.append(
@@ -132,6 +133,26 @@ def _check_verifier(path: str) -> list[CheckMessage]:
                 f"OPENROUTER_PROXY_KEY_VERIFIER {path!r} is not callable.",
                 hint=hint,
                 id="openrouter_proxy.E002",
+            )
+        ]
+    return []
+
+
+def _check_meter(path: str) -> list[CheckMessage]:
+    """The host's meter, when one is named: importable and with every method of the interface."""
+    if not path:
+        return []
+    from openrouter_proxy.metering import load_meter
+
+    try:
+        load_meter(path)
+    except Exception as error:  # a module that fails to import is reported, not raised
+        return [
+            Error(
+                f"OPENROUTER_PROXY_METER {path!r} cannot be used: {type(error).__name__}: {error}",
+                hint="Name a class or factory whose instances implement "
+                "openrouter_proxy.metering.Meter, or leave it unset for an unmetered proxy.",
+                id="openrouter_proxy.E009",
             )
         ]
     return []

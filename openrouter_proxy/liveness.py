@@ -1,14 +1,12 @@
 """This worker's heartbeat, and the recovery of requests whose worker died.
 
-Every admitted request leaves a trace in the database (``billing.recovery``)
-so that a worker killed mid-stream does not take its charges with it. A trace
-is only taken over when its worker has stopped beating, so each serving worker
-beats: one task per event loop, started with the loop's first admission, that
-refreshes the heartbeat every ``BILLING_WORKER_HEARTBEAT`` seconds and, in the
-same breath, recovers the traces of workers that have stopped (their pending
-records are then settled from generation stats here, like a disconnect's), so
-a crashed worker's users get their in-flight slots back within about
-``BILLING_WORKER_STALE_AFTER`` seconds without waiting for ``reconcile_usage``.
+A meter may keep a trace of every admitted request so that a worker killed
+mid-stream does not take its charges with it; it can only take a trace over
+when the trace's worker has stopped beating. So each serving event loop beats:
+one task per loop, started with the loop's first metered request, that calls
+the meter's ``beat`` every ``heartbeat_interval`` seconds. The beat answers
+with the requests of dead workers it recovered that now wait for their cost;
+they are settled from generation stats here, like a disconnect's.
 """
 
 from __future__ import annotations
@@ -20,9 +18,8 @@ from typing import Any
 
 from django.db import DatabaseError
 
-from billing.conf import billing_settings
-from billing.recovery import beat, pending_after_recovery, recover_lost_requests, retire
 from openrouter_proxy.db import run_db
+from openrouter_proxy.metering import Meter, get_meter
 from openrouter_proxy.settlement import run_in_background, settle_from_generation
 
 logger = logging.getLogger(__name__)
@@ -30,21 +27,24 @@ logger = logging.getLogger(__name__)
 _tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
 
 
-def ensure_heartbeat() -> None:
+def ensure_heartbeat(meter: Meter) -> None:
     """Start this loop's heartbeat if it is not running (cheap: a dict lookup)."""
+    if meter.heartbeat_interval is None:
+        return
     loop = asyncio.get_running_loop()
     task = _tasks.get(loop)
     if task is None or task.done():
-        _tasks[loop] = loop.create_task(_heartbeat(), name="worker-heartbeat")
+        _tasks[loop] = loop.create_task(_heartbeat(meter), name="worker-heartbeat")
 
 
-async def _heartbeat() -> None:
+async def _heartbeat(meter: Meter) -> None:
     while True:
         try:
-            await run_db(beat)
-            recovered = await run_db(recover_lost_requests)
-            for request_id, generation_id in pending_after_recovery(recovered):
-                run_in_background(settle_from_generation(request_id, generation_id))
+            for pending in await run_db(meter.beat):
+                if pending.generation_id:
+                    run_in_background(
+                        settle_from_generation(meter, pending.request_id, pending.generation_id)
+                    )
         except asyncio.CancelledError:
             raise
         except DatabaseError as error:
@@ -53,7 +53,7 @@ async def _heartbeat() -> None:
             logger.warning("worker heartbeat failed (%s); retrying", error)
         except Exception:
             logger.exception("worker heartbeat failed; retrying")
-        await asyncio.sleep(billing_settings.WORKER_HEARTBEAT)
+        await asyncio.sleep(meter.heartbeat_interval or 1.0)
 
 
 async def stop_heartbeat() -> None:
@@ -64,7 +64,10 @@ async def stop_heartbeat() -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    meter = get_meter()
+    if meter is None:
+        return
     try:
-        await run_db(retire)
+        await run_db(meter.retire)
     except Exception:
         logger.warning("could not retire the worker's heartbeat", exc_info=True)

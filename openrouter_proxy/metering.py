@@ -230,8 +230,10 @@ class Recovery:
 class Meter(Protocol):
     """Admits, records and settles metered requests (see the module's docstring)."""
 
-    #: Seconds between two :meth:`beat` calls of a serving loop (None: never).
-    heartbeat_interval: float | None
+    @property
+    def heartbeat_interval(self) -> float | None:
+        """Seconds between two :meth:`beat` calls of a serving loop (None: never)."""
+        ...
 
     def admit(self, request: MeteredRequest) -> AdmissionResult:
         """Admit the request or say why not; an admitted one holds what it needs."""
@@ -281,7 +283,8 @@ class Meter(Protocol):
 
 
 @functools.cache
-def _load(path: str) -> Meter:
+def load_meter(path: str) -> Meter:
+    """The meter a dotted path names (a class or a factory), made once per process."""
     factory: Callable[[], Meter] = import_string(path)
     meter = factory()
     if not isinstance(meter, Meter):
@@ -294,4 +297,4 @@ def get_meter() -> Meter | None:
     from openrouter_proxy.conf import proxy_settings
 
     path = proxy_settings.METER
-    return _load(path) if path else None
+    return load_meter(path) if path else None

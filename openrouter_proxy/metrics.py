@@ -48,7 +48,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from billing.models import UsageRecord
+from openrouter_proxy.metering import get_meter
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +138,18 @@ def reap_dead_processes(directory: Path) -> list[int]:
 
 
 class PendingSettlementCollector(Collector):
-    """Records waiting for their cost, counted when scraped (indexed: partial index)."""
+    """Records waiting for their cost, counted by the meter when scraped."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        meter = get_meter()
+        if meter is None:
+            return
         gauge = GaugeMetricFamily(
             "openrouter_proxy_records_pending_settlement",
             "Usage records whose cost is not known yet (settled by generation stats).",
         )
         try:
-            gauge.add_metric([], UsageRecord.objects.pending().count())
+            gauge.add_metric([], meter.pending_count())
         except DatabaseError:
             logger.warning("metrics: could not count pending records", exc_info=True)
             return

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from billing.models import Settlement
-from billing.services import Recorded, RecordResult, bill
 from openrouter_proxy import metrics
-from openrouter_proxy.metering import UsageDraft
+from openrouter_proxy.metering import Receipt, UsageDraft
 
 logger = logging.getLogger(__name__)
+request_log = logging.getLogger("openrouter_proxy.requests")
 
 
 def request_refused(status: int, code: str) -> None:
@@ -34,8 +33,8 @@ def billed_request_started() -> None:
         logger.warning("metrics: billed_request_started failed", exc_info=True)
 
 
-def billed_request_finished(draft: UsageDraft, recorded: Recorded | None) -> None:
-    """A billed request ended and its usage was recorded (``None``: spooled)."""
+def billed_request_finished(draft: UsageDraft, receipt: Receipt) -> None:
+    """A metered request ended and the meter recorded it (or spooled it)."""
     try:
         metrics.IN_FLIGHT.dec()
         model = draft.usage.model or draft.requested_model or "unknown"
@@ -43,28 +42,39 @@ def billed_request_finished(draft: UsageDraft, recorded: Recorded | None) -> Non
         metrics.REQUESTS.labels(
             endpoint=draft.endpoint, model=model, outcome=draft.outcome, status=status
         ).inc()
-        if recorded is None:
-            settlement = "spooled"
-        elif recorded.settlement is None:
-            settlement = recorded.result.value
-        else:
-            settlement = recorded.settlement
-        metrics.RECORDED.labels(settlement=settlement).inc()
-        cost = draft.usage.provider_cost
-        if (
-            cost
-            and recorded is not None
-            and recorded.result is RecordResult.RECORDED
-            and recorded.settlement == Settlement.SETTLED
-        ):
+        metrics.RECORDED.labels(settlement=receipt.settlement).inc()
+        if receipt.charged:
             # The Decimal becomes a float only here: the metric is not the ledger.
-            metrics.CHARGED.labels(model=model).inc(float(bill(cost)))
+            metrics.CHARGED.labels(model=model).inc(float(receipt.charged))
         if draft.upstream_latency_ms is not None:
             metrics.UPSTREAM_LATENCY.labels(model=model).observe(draft.upstream_latency_ms / 1000)
         if draft.ttfb_ms is not None:
             metrics.TIME_TO_FIRST_BYTE.labels(model=model).observe(draft.ttfb_ms / 1000)
     except Exception:
         logger.warning("metrics: billed_request_finished failed", exc_info=True)
+    if request_log.isEnabledFor(logging.INFO):
+        log_request(draft, receipt)
+
+
+def log_request(draft: UsageDraft, receipt: Receipt) -> None:
+    """One line per metered request, ``name=value`` pairs."""
+    usage = draft.usage
+    fields = {
+        "request": draft.request_id,
+        "user": draft.user_id,
+        "key": draft.api_key_label or "-",
+        "endpoint": draft.endpoint,
+        "model": usage.model or draft.requested_model or "-",
+        "outcome": draft.outcome,
+        "status": draft.http_status,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost": usage.provider_cost,
+        "latency_ms": draft.upstream_latency_ms,
+        "ttfb_ms": draft.ttfb_ms,
+        "settlement": receipt.settlement,
+    }
+    request_log.info("proxied %s", " ".join(f"{name}={value}" for name, value in fields.items()))
 
 
 def pending_settled(settled: bool) -> None:

@@ -19,18 +19,15 @@ import json
 import logging
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import httpx
 
-from billing.models import CostSource, UsageRecord
-from billing.services import settle_pending
 from openrouter_proxy import observability
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.db import run_db
-from openrouter_proxy.metering import byok_total
+from openrouter_proxy.metering import GenerationCost, Meter, byok_total
 from openrouter_proxy.upstream import get_client
 
 logger = logging.getLogger(__name__)
@@ -66,17 +63,6 @@ async def drain(grace: float) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class GenerationCost:
-    """What generation stats say a generation cost the operator, and its tokens."""
-
-    cost: Decimal
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    reasoning_tokens: int | None
-    cached_tokens: int | None
-
-
 def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
@@ -90,7 +76,7 @@ def _money(value: Any) -> Decimal | None:
 def parse_generation(body: bytes) -> GenerationCost | None:
     """The cost in a ``/v1/generation`` answer, or None if it does not say it.
 
-    The rule is the one of :attr:`billing.usage.ReportedUsage.provider_cost`:
+    The rule is the one of :attr:`openrouter_proxy.metering.ReportedUsage.provider_cost`:
     ``total_cost`` is what OpenRouter charged; for a BYOK generation
     (``is_byok: true``) that is only OpenRouter's fee, and the provider's
     price, ``upstream_inference_cost``, is added. Without BYOK
@@ -128,28 +114,6 @@ def generation_request(generation_id: str) -> tuple[str, dict[str, str], dict[st
     )
 
 
-def apply_generation_cost(record_id: int, stats: GenerationCost) -> bool:
-    """Settle a pending record from generation stats (sync; one transaction)."""
-    return settle_pending(
-        record_id,
-        stats.cost,
-        CostSource.GENERATION,
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
-        reasoning_tokens=stats.reasoning_tokens,
-        cached_tokens=stats.cached_tokens,
-    )
-
-
-def _pending_record_id(request_id: uuid.UUID) -> int | None:
-    return (
-        UsageRecord.objects.pending()
-        .filter(request_id=request_id)
-        .values_list("pk", flat=True)
-        .first()
-    )
-
-
 async def fetch_generation_cost(generation_id: str) -> GenerationCost | None:
     url, params, headers = generation_request(generation_id)
     response = await get_client().get(url, params=params, headers=headers)
@@ -158,8 +122,8 @@ async def fetch_generation_cost(generation_id: str) -> GenerationCost | None:
     return parse_generation(response.content)
 
 
-async def settle_from_generation(request_id: uuid.UUID, generation_id: str) -> bool:
-    """Try, with pauses, to settle one pending record in this process."""
+async def settle_from_generation(meter: Meter, request_id: uuid.UUID, generation_id: str) -> bool:
+    """Try, with pauses, to have the meter settle one pending record in this process."""
     for delay in proxy_settings.SETTLE_DELAYS:
         await asyncio.sleep(delay)
         try:
@@ -170,10 +134,7 @@ async def settle_from_generation(request_id: uuid.UUID, generation_id: str) -> b
         if stats is None:
             continue
         try:
-            record_id = await run_db(_pending_record_id, request_id)
-            if record_id is None:
-                return False
-            settled = await run_db(apply_generation_cost, record_id, stats)
+            settled = await run_db(meter.settle, request_id, stats)
             observability.pending_settled(settled)
             return settled
         except Exception:

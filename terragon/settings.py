@@ -157,6 +157,8 @@ OPENROUTER_PROXY_API_KEY = os.environ.get("OPENROUTER_API_KEY", "")
 OPENROUTER_PROXY_BASE_URL = os.environ.get("OPENROUTER_BASE_URL", "https://openrouter.ai/api")
 # Who a token belongs to: this site's own API keys.
 OPENROUTER_PROXY_KEY_VERIFIER = "terragon.apikeys.verifier.verify_api_key"
+# Who pays: billing's credits, limits and exact charges.
+OPENROUTER_PROXY_METER = "billing.meter.BillingMeter"
 if os.environ.get("OPENROUTER_ALLOWED_MODELS"):
     OPENROUTER_PROXY_ALLOWED_MODELS = env_list("OPENROUTER_ALLOWED_MODELS", "")
 TERRAGON_API_KEY_PEPPER = os.environ.get("TERRAGON_API_KEY_PEPPER", SECRET_KEY)

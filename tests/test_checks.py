@@ -35,6 +35,10 @@ def test_defaults_are_clean(settings: Any) -> None:
             "openrouter_proxy.conf.DEFAULT_CORS_ALLOW_HEADERS",
             "openrouter_proxy.E002",
         ),
+        ("OPENROUTER_PROXY_METER", "no.such.module.Meter", "openrouter_proxy.E009"),
+        ("OPENROUTER_PROXY_METER", f"{UNIMPORTABLE}.Meter", "openrouter_proxy.E009"),
+        # Importable, but what it makes has none of a meter's methods.
+        ("OPENROUTER_PROXY_METER", "openrouter_proxy.conf.ProxySettings", "openrouter_proxy.E009"),
         ("OPENROUTER_PROXY_ALLOWED_MODELS", [], "openrouter_proxy.E003"),
         ("OPENROUTER_PROXY_ALLOWED_MODELS", ["x-ai/*", ""], "openrouter_proxy.E003"),
         ("OPENROUTER_PROXY_READ_TIMEOUT", 0, "openrouter_proxy.E004"),
@@ -141,6 +145,7 @@ def test_the_registered_check_ids() -> None:
     wrong = {
         "OPENROUTER_PROXY_BASE_URL": "ftp://x",
         "OPENROUTER_PROXY_KEY_VERIFIER": "",
+        "OPENROUTER_PROXY_METER": "no.such.Meter",
         "OPENROUTER_PROXY_ALLOWED_MODELS": [],
         "OPENROUTER_PROXY_READ_TIMEOUT": 0,
         "OPENROUTER_PROXY_TRANSPORT": "curl",
@@ -160,6 +165,7 @@ def test_the_registered_check_ids() -> None:
         assert ids(check_proxy_settings()) == [
             "openrouter_proxy.E001",
             "openrouter_proxy.E002",
+            "openrouter_proxy.E009",
             "openrouter_proxy.E003",
             "openrouter_proxy.E004",
             "openrouter_proxy.E005",

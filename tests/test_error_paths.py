@@ -185,7 +185,7 @@ def test_database_error_during_admission_is_503_db_down(
     def database_gone(*args: Any, **kwargs: Any) -> Any:
         raise OperationalError("could not connect to server")
 
-    monkeypatch.setattr("openrouter_proxy.views.admit_request", database_gone)
+    monkeypatch.setattr("billing.meter.admit_request", database_gone)
     response = httpx.post(chat_url(gateway), json=CHAT, headers=live_account.headers)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "db_down"
@@ -209,7 +209,7 @@ def test_client_leaving_during_admission_gives_the_slot_back(
         answer.wait(timeout=30)  # the slot is taken; the view has not heard yet
         return result
 
-    monkeypatch.setattr("openrouter_proxy.views.admit_request", held_admission)
+    monkeypatch.setattr("billing.meter.admit_request", held_admission)
     try:
         with socket.create_connection(("127.0.0.1", port_of(gateway.url))) as sock:
             body = json.dumps(CHAT).encode()
@@ -302,7 +302,7 @@ def test_exceptions_escaping_the_view_map_to_json_statuses(
     def raising(*args: Any, **kwargs: Any) -> Any:
         raise error
 
-    monkeypatch.setattr("openrouter_proxy.views.admit_request", raising)
+    monkeypatch.setattr("billing.meter.admit_request", raising)
     response = httpx.post(
         chat_url(gateway),
         json=CHAT,

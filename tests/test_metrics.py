@@ -16,10 +16,11 @@ from django.test import Client
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from billing.meter import BillingMeter
 from billing.models import Outcome
-from billing.services import Recorded, RecordResult, record_usage
+from billing.services import record_usage
 from openrouter_proxy import metrics, observability
-from openrouter_proxy.metering import ReportedUsage, UsageDraft
+from openrouter_proxy.metering import Receipt, ReportedUsage, UsageDraft
 from tests.conftest import Account
 
 GROK = "x-ai/grok-code-fast-1"
@@ -109,8 +110,7 @@ def test_hooks_count_requests_latency_refusals_and_charges(account: Account) -> 
         == before["openrouter_proxy_requests_in_flight"] + 1
     )
     finished = draft(account)
-    recorded = record_usage(finished)
-    observability.billed_request_finished(finished, recorded)
+    observability.billed_request_finished(finished, BillingMeter().record(finished))
     observability.request_refused(402, "insufficient_credits")
     observability.pending_settled(True)
     grown = {name: own(name, **labels) - before[name] for name, labels in names}
@@ -136,8 +136,8 @@ def test_hooks_count_requests_latency_refusals_and_charges(account: Account) -> 
 def test_spooled_and_odd_drafts_never_raise(account: Account) -> None:
     odd = draft(account, cost=None, http_status=None, upstream_latency_ms=None, ttfb_ms=None)
     observability.billed_request_started()
-    observability.billed_request_finished(odd, None)
-    observability.billed_request_finished(odd, Recorded(RecordResult.ALREADY_RECORDED))
+    observability.billed_request_finished(odd, Receipt("spooled"))
+    observability.billed_request_finished(odd, Receipt("already_recorded"))
     observability.request_refused(400, "")
     text = scrape(Client())
     assert sample(text, "openrouter_proxy_usage_records_total", settlement="spooled")

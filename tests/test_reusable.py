@@ -103,3 +103,87 @@ def test_billing_links_to_a_key_admin_only_when_one_is_named(
         assert ('href="/admin/auth/group/"' in nav.group(0)) == bool(key_admin)
     users = admin_client.get("/admin/billing/creditaccount/users/").content.decode()
     assert (f"/admin/auth/group/?user={account.user.pk}" in users) == bool(key_admin)
+
+
+# --- The proxy alone: no meter, and nothing of billing or the site in its code -----------
+
+
+def test_without_a_meter_the_proxy_forwards_for_any_valid_key(gateway: Any, settings: Any) -> None:
+    """A plain authenticated proxy: no credit asked, nothing recorded, lookups closed."""
+    import httpx
+
+    from billing.models import CreditAccount, UsageRecord
+
+    settings.OPENROUTER_PROXY_METER = ""
+    broke = make_account("broke", credit=None)
+    answer = httpx.post(f"{gateway.url}{PROXY}", json=CHAT, headers=broke.headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    assert len(gateway.fake.app.requests) == 1
+    assert not UsageRecord.objects.exists()
+    assert not CreditAccount.objects.filter(in_flight__gt=0).exists()
+    anonymous = httpx.post(f"{gateway.url}{PROXY}", json=CHAT, timeout=10)
+    assert anonymous.status_code == 401
+    lookup = httpx.get(
+        f"{gateway.url}/api/proxy/openrouter/v1/generation?id=gen-1",
+        headers=broke.headers,
+        timeout=10,
+    )
+    assert lookup.status_code == 404
+    assert lookup.json()["error"]["code"] == "endpoint_not_available"
+    assert len(gateway.fake.app.requests) == 1
+
+
+def _names_in(tree: Any) -> list[tuple[int, str]]:
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, node.module or ""))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.append((node.lineno, node.value))
+    return found
+
+
+def test_the_proxy_imports_and_names_nothing_of_billing_or_the_site() -> None:
+    """No import, no dotted name in a string (a setting default, a reverse() name)."""
+    import ast
+    from pathlib import Path
+
+    import openrouter_proxy
+
+    root = Path(openrouter_proxy.__file__).parent
+    sources = [source for source in root.rglob("*") if source.suffix in {".py", ".html", ".txt"}]
+    assert any(source.name == "views.py" for source in sources)
+    naming = re.compile(r"\b(billing|terragon)[.:]\w|^(billing|terragon)$|['\"](billing|terragon)")
+    offences = []
+    for source in sources:
+        text = source.read_text()
+        if source.suffix != ".py":
+            offences += [(source, 0, line) for line in text.splitlines() if naming.search(line)]
+            continue
+        tree = ast.parse(text)
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                for line, name in _names_in(node):
+                    if name.split(".")[0] in {"billing", "terragon"}:
+                        offences.append((source, line, name))
+            elif (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and id(node) not in docstrings
+                and naming.search(node.value)
+            ):
+                offences.append((source, node.lineno, node.value))
+    assert offences == []

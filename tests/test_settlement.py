@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from django.db import OperationalError
 
+from billing import services
+from billing.meter import BillingMeter
 from billing.models import CostSource, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, check_ledger, record_usage
 from devtools.fake_openrouter import GenerationStats, RunningFake
-from openrouter_proxy import settlement
-from openrouter_proxy.metering import ReportedUsage, UsageDraft
-from openrouter_proxy.settlement import GenerationCost, parse_generation, settle_from_generation
+from openrouter_proxy.metering import GenerationCost, ReportedUsage, UsageDraft
+from openrouter_proxy.settlement import parse_generation, settle_from_generation
 from tests.conftest import Account
 
 # The fields of a real answer (OpenRouter's OpenAPI document, GenerationResponse),
@@ -221,7 +222,7 @@ def settle(request_id: uuid.UUID, generation_id: str) -> bool:
         from openrouter_proxy.upstream import close_clients
 
         try:
-            return await settle_from_generation(request_id, generation_id)
+            return await settle_from_generation(BillingMeter(), request_id, generation_id)
         finally:
             await close_clients()
 
@@ -249,7 +250,9 @@ def test_a_record_no_longer_pending_is_left_alone(
     record = pending_record(live_account, "gen-settle-2")
     known_generation(stats_from_fake, "gen-settle-2", "0.0042")
     # Settled meanwhile elsewhere (reconcile_usage on another host, say).
-    assert settlement.apply_generation_cost(record.pk, parse_generation(answer(total_cost=0.001)))  # type: ignore[arg-type]
+    stats = parse_generation(answer(total_cost=0.001))
+    assert stats is not None
+    assert BillingMeter().settle(record.request_id, stats)
     assert settle(record.request_id, "gen-settle-2") is False
     record.refresh_from_db()
     assert record.billed == Decimal("0.001")  # charged once, by the first settler
@@ -262,13 +265,13 @@ def test_a_record_settled_between_lookup_and_settling_is_charged_once(
 ) -> None:
     record = pending_record(live_account, "gen-settle-3")
     known_generation(stats_from_fake, "gen-settle-3", "0.0042")
-    apply = settlement.apply_generation_cost
+    real = services.settle_pending
 
-    def another_host_first(record_id: int, stats: GenerationCost) -> bool:
-        assert apply(record_id, GenerationCost(Decimal("0.001"), None, None, None, None))
-        return apply(record_id, stats)
+    def another_host_first(record_id: int, cost: Decimal, *args: Any, **kwargs: Any) -> bool:
+        assert real(record_id, Decimal("0.001"), CostSource.GENERATION)
+        return real(record_id, cost, *args, **kwargs)
 
-    monkeypatch.setattr(settlement, "apply_generation_cost", another_host_first)
+    monkeypatch.setattr("billing.meter.settle_pending", another_host_first)
     assert settle(record.request_id, "gen-settle-3") is False
     record.refresh_from_db()
     assert record.billed == Decimal("0.001")
@@ -284,10 +287,10 @@ def test_a_database_failure_while_settling_leaves_the_record_to_reconcile(
     record = pending_record(live_account, "gen-settle-4")
     known_generation(stats_from_fake, "gen-settle-4", "0.0042")
 
-    def database_gone(record_id: int, stats: GenerationCost) -> bool:
+    def database_gone(*args: Any, **kwargs: Any) -> bool:
         raise OperationalError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(settlement, "apply_generation_cost", database_gone)
+    monkeypatch.setattr("billing.meter.settle_pending", database_gone)
     with caplog.at_level(logging.ERROR, logger="openrouter_proxy.settlement"):
         assert settle(record.request_id, "gen-settle-4") is False
     assert "reconcile_usage will retry" in caplog.text

@@ -35,7 +35,6 @@ from billing.models import (
     WorkerHeartbeat,
 )
 from billing.recovery import (
-    Trace,
     beat,
     mark_answered,
     open_request,
@@ -44,7 +43,7 @@ from billing.recovery import (
 )
 from billing.services import balance_of, check_ledger, record_usage
 from devtools.fake_openrouter import RunningFake
-from openrouter_proxy.metering import UsageDraft
+from openrouter_proxy.metering import MeteredRequest, UsageDraft
 from tests.books import assert_each_request_charged_once
 from tests.conftest import SERVER_KEY, Account, Gateway, make_account
 from tests.faults.common import report
@@ -174,7 +173,7 @@ def test_live_and_young_traces_are_left_alone(account: Account) -> None:
     alive = dead_trace(account)
     WorkerHeartbeat.objects.filter(worker=alive.worker).update(seen_at=timezone.now())
     young = dead_trace(account, age=0.5)
-    mine = Trace(uuid.uuid4(), account.user.pk, "messages", streamed=False)
+    mine = MeteredRequest(uuid.uuid4(), account.user.pk, "messages", streamed=False)
     open_request(mine)
     mark_answered(mine.request_id, "gen-mine")
     OpenRequest.objects.filter(request_id=mine.request_id).update(

@@ -132,3 +132,4 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 OPENROUTER_PROXY_API_KEY = os.environ.get("OPENROUTER_API_KEY", "")  # 503 until set
 OPENROUTER_PROXY_BASE_URL = os.environ.get("OPENROUTER_BASE_URL", "https://openrouter.ai/api")
 OPENROUTER_PROXY_KEY_VERIFIER = "host_site.auth.verify_gateway_token"  # see below
+OPENROUTER_PROXY_METER = "billing.meter.BillingMeter"  # credits and exact charges

@@ -1,0 +1,146 @@
+"""Billing as the proxy's meter: the one module where the two apps meet.
+
+A host names it in its settings::
+
+    OPENROUTER_PROXY_METER = "billing.meter.BillingMeter"
+
+Each method maps one step of the proxy's meter interface
+(``openrouter_proxy.metering.Meter``) onto billing's services: admission is
+the credit gate and the key's limits plus the request's write-ahead trace (one
+database call), recording is the durable usage record (spooled when the
+database is down) and the end of the trace, settling prices a pending record
+from generation stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import suppress
+from datetime import datetime
+
+from django.db import DatabaseError
+
+from billing import recovery
+from billing.conf import billing_settings
+from billing.models import CostSource, Settlement, UsageRecord
+from billing.services import (
+    RecordResult,
+    admit_request,
+    bill,
+    generation_belongs_to,
+    give_up_pending,
+    release_request,
+    settle_pending,
+)
+from billing.spool import record_usage_durably, replay_spool
+from openrouter_proxy.metering import (
+    AdmissionResult,
+    GenerationCost,
+    MeteredRequest,
+    PendingGeneration,
+    Receipt,
+    Recovery,
+    UsageDraft,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BillingMeter:
+    """Credits, per-key limits and exact charges for the proxy's metered requests."""
+
+    @property
+    def heartbeat_interval(self) -> float | None:
+        return billing_settings.WORKER_HEARTBEAT
+
+    def admit(self, request: MeteredRequest) -> AdmissionResult:
+        # The trace is written before the request goes upstream, so no generation
+        # can start that a crash of this worker would leave unbilled.
+        result = admit_request(request.user_id, request.api_key_id, request.limits, detailed=True)
+        if result.admitted:
+            try:
+                recovery.open_request(request)
+            except DatabaseError:
+                logger.warning("could not write the trace of request %s", request.request_id)
+        return result
+
+    def release(self, request: MeteredRequest) -> None:
+        release_request(request.user_id)
+        recovery.close_request(request.request_id)
+
+    def answered(self, request_id: uuid.UUID, generation_id: str) -> None:
+        recovery.mark_answered(request_id, generation_id)
+
+    def record(self, draft: UsageDraft) -> Receipt:
+        recorded = record_usage_durably(draft)
+        if recorded is None:
+            # Spooled: the trace stays until the spool is replayed.
+            return Receipt("spooled")
+        # Recorded (or found recorded): the trace has done its job.
+        with suppress(DatabaseError):
+            recovery.close_request(draft.request_id)
+        if recorded.result is not RecordResult.RECORDED:
+            return Receipt(recorded.result.value)
+        settlement = str(recorded.settlement)
+        cost = draft.usage.provider_cost
+        charged = bill(cost) if cost is not None and settlement == Settlement.SETTLED else None
+        return Receipt(settlement, awaits_cost=recorded.awaits_cost, charged=charged)
+
+    def _pending_record(self, request_id: uuid.UUID) -> int | None:
+        return (
+            UsageRecord.objects.pending()
+            .filter(request_id=request_id)
+            .values_list("pk", flat=True)
+            .first()
+        )
+
+    def settle(self, request_id: uuid.UUID, cost: GenerationCost) -> bool:
+        record_id = self._pending_record(request_id)
+        if record_id is None:
+            return False
+        return settle_pending(
+            record_id,
+            cost.cost,
+            CostSource.GENERATION,
+            prompt_tokens=cost.prompt_tokens,
+            completion_tokens=cost.completion_tokens,
+            reasoning_tokens=cost.reasoning_tokens,
+            cached_tokens=cost.cached_tokens,
+        )
+
+    def give_up(self, request_id: uuid.UUID, reason: str) -> bool:
+        record_id = self._pending_record(request_id)
+        return record_id is not None and give_up_pending(record_id, reason)
+
+    def owns_generation(self, user_id: int, generation_id: str) -> bool:
+        return generation_belongs_to(user_id, generation_id)
+
+    def pending(self, older_than: datetime, limit: int) -> list[PendingGeneration]:
+        rows = (
+            UsageRecord.objects.pending()
+            .filter(created_at__lte=older_than)
+            .order_by("created_at")
+            .values_list("request_id", "generation_id", "created_at")[:limit]
+        )
+        return [
+            PendingGeneration(request_id, generation_id or None, created_at)
+            for request_id, generation_id, created_at in rows
+        ]
+
+    def pending_count(self) -> int:
+        return UsageRecord.objects.pending().count()
+
+    def beat(self) -> list[PendingGeneration]:
+        recovery.beat()
+        return recovery.pending_after_recovery(recovery.recover_lost_requests())
+
+    def retire(self) -> None:
+        recovery.retire()
+
+    def recover(self, limit: int) -> Recovery:
+        replayed = replay_spool()
+        # Requests of workers that died: recorded now, pending when the upstream
+        # had answered, so they settle like any other pending record.
+        recovered = len(recovery.recover_lost_requests(limit=limit))
+        return Recovery(replayed=replayed, recovered=recovered)
