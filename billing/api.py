@@ -38,6 +38,7 @@ from billing.models import CreditLedgerEntry, KeyMeter, UsageRecord
 from billing.money import format_usd
 from billing.services import balance_of
 from openrouter_proxy.authentication import ApiKeyAuthentication
+from openrouter_proxy.errors import DB_DOWN, ERROR_TYPES, error_payload
 
 logger = logging.getLogger(__name__)
 
@@ -45,29 +46,17 @@ logger = logging.getLogger(__name__)
 def openai_style_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DatabaseError):
         logger.exception("billing API: database unavailable")
-        return Response(
-            {
-                "error": {
-                    "message": "The database is unavailable; try again shortly.",
-                    "type": "service_unavailable",
-                    "code": "db_down",
-                }
-            },
-            status=503,
-            headers={"Retry-After": "5"},
-        )
+        return Response(DB_DOWN.payload(), status=DB_DOWN.status, headers={"Retry-After": "5"})
     response = exception_handler(exc, context)
     if response is None:
         return None
     detail = response.data.get("detail") if isinstance(response.data, dict) else None
     message = str(detail) if detail is not None else str(response.data)
-    code = getattr(detail, "code", None) or getattr(exc, "default_code", "error")
-    error_type = {
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-    }.get(response.status_code, "invalid_request_error")
-    response.data = {"error": {"message": message, "type": error_type, "code": code}}
+    code = str(getattr(detail, "code", None) or getattr(exc, "default_code", "error"))
+    status = response.status_code
+    # DRF's other client errors (406, 415, ...) are invalid requests too.
+    error_type = None if status in ERROR_TYPES else "invalid_request_error"
+    response.data = error_payload(status, message, code, error_type)
     return response
 
 

@@ -2,7 +2,8 @@
 
 REST endpoints beside the proxy (the billing API) accept exactly the
 credentials the proxy accepts: ``X-Daemon-Token`` or ``Authorization:
-Bearer``, checked by the same pluggable verifier.
+Bearer``, checked by the same pluggable verifier, and refuse a bad one with the
+proxy's ``invalid_api_key`` message and code.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from rest_framework.request import Request
 
 from openrouter_proxy.callers import ApiKeyRejected, Caller, extract_token
 from openrouter_proxy.conf import proxy_settings
+from openrouter_proxy.errors import INVALID_API_KEY
 
 
 class ApiKeyAuthentication(BaseAuthentication):
@@ -32,9 +34,9 @@ class ApiKeyAuthentication(BaseAuthentication):
             else:
                 caller = verifier(token)
         except ApiKeyRejected as rejected:
-            raise exceptions.AuthenticationFailed(str(rejected)) from rejected
+            raise exceptions.AuthenticationFailed(str(rejected), INVALID_API_KEY.code) from rejected
         if caller is None:
-            raise exceptions.AuthenticationFailed("Invalid API key.")
+            raise exceptions.AuthenticationFailed(INVALID_API_KEY.message, INVALID_API_KEY.code)
         return caller.user, caller
 
     def authenticate_header(self, request: Request) -> str:

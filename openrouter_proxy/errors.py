@@ -29,15 +29,25 @@ ERROR_TYPES = {
 }
 
 
-def error_body(status: int, message: str, code: str, error_type: str | None = None) -> bytes:
-    payload = {
+def error_payload(
+    status: int, message: str, code: str, error_type: str | None = None
+) -> dict[str, Any]:
+    """The error envelope, ``{"error": {"message", "type", "code"}}``, as a dict.
+
+    The one place it is built: the proxy's responses, the billing API and the
+    host's JSON views all answer with it. ``type`` follows the status unless given.
+    """
+    return {
         "error": {
             "message": message,
             "type": error_type or ERROR_TYPES.get(status, "api_error"),
             "code": code,
         }
     }
-    return json.dumps(payload).encode()
+
+
+def error_body(status: int, message: str, code: str, error_type: str | None = None) -> bytes:
+    return json.dumps(error_payload(status, message, code, error_type)).encode()
 
 
 def error_response(
@@ -72,13 +82,17 @@ class Refusal:
     #: Tells the OpenAI SDKs whether a retry can help (``x-should-retry``).
     retry: bool | None = None
 
+    def text(self, **details: Any) -> str:
+        """The message, its ``{placeholders}`` filled with ``details``."""
+        return self.message.format(**details) if details else self.message
+
+    def payload(self, **details: Any) -> dict[str, Any]:
+        """The error envelope as a dict, for a framework that serializes it (DRF, JsonResponse)."""
+        return error_payload(self.status, self.text(**details), self.code)
+
     def response(self, headers: Mapping[str, str] | None = None, **details: Any) -> HttpResponse:
         return error_response(
-            self.status,
-            self.message.format(**details) if details else self.message,
-            self.code,
-            headers=headers,
-            retry=self.retry,
+            self.status, self.text(**details), self.code, headers=headers, retry=self.retry
         )
 
 

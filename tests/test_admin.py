@@ -11,19 +11,23 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.db import connection
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.test.utils import CaptureQueriesContext
-from django.urls import reverse
+from django.urls import resolve, reverse
 from django.utils import timezone
 
+from billing.admin import CreditAccountAdmin
 from billing.admin_tools import with_period_probing
 from billing.models import (
     CostSource,
+    CreditAccount,
     CreditLedgerEntry,
+    KeyMeter,
     LedgerKind,
     ModelPrice,
     Outcome,
@@ -333,6 +337,76 @@ def test_non_staff_is_sent_to_login(usage: Account) -> None:
     response = client.get(reverse("admin:billing_dashboard"))
     assert response.status_code == 302
     assert "/admin/login/" in response["Location"]
+
+
+# --- Admin objects are shared by every request ----------------------------------------
+
+USERS_PAGE_PERMS = ("billing.view_creditaccount", "billing.view_usagerecord")
+
+
+def billing_admins() -> list[Any]:
+    """The billing admin objects: one each for the whole process, shared by all requests."""
+    accounts = admin.site.get_model_admin(CreditAccount)
+    assert isinstance(accounts, CreditAccountAdmin)
+    others = [
+        admin.site.get_model_admin(model) for model in (CreditLedgerEntry, UsageRecord, ModelPrice)
+    ]
+    return [accounts, accounts.users_admin, *others]
+
+
+def test_interleaved_requests_of_different_operators_get_their_own_pages(usage: Account) -> None:
+    """Two users' pages, both built before either is rendered: nothing leaks between them."""
+    bob = make_account("bob")
+    KeyMeter.objects.create(api_key_id=900_001, user=usage.user, label="tg_alicemeter")
+    KeyMeter.objects.create(api_key_id=900_002, user=bob.user, label="tg_bobmeter")
+    granter = staff("granter", *USERS_PAGE_PERMS, "billing.change_creditaccount")
+    viewer = staff("viewer", *USERS_PAGE_PERMS)
+    url = reverse("admin:billing_users")
+    view = resolve(url).func
+    factory = RequestFactory()
+
+    def build(user: Any, email: str) -> Any:
+        request = factory.get(url, {"q": email})
+        request.user = user
+        return view(request)  # a TemplateResponse, not rendered yet
+
+    granters = build(granter, "alice@example.com")
+    viewers = build(viewer, "bob@example.com")
+    granters_page = granters.render().content.decode()
+    viewers_page = viewers.render().content.decode()
+    assert reverse("admin:billing_grant", args=[usage.user.pk]) in granters_page
+    assert "tg_alicemeter" in granters_page
+    assert "tg_bobmeter" not in granters_page
+    assert reverse("admin:billing_grant", args=[bob.user.pk]) not in viewers_page
+    assert "Grant or adjust credits" not in viewers_page  # nor the action
+    assert "Grant or adjust credits" in granters_page
+    assert "tg_bobmeter" in viewers_page
+    assert "tg_alicemeter" not in viewers_page
+
+
+def test_admin_objects_keep_nothing_of_a_request(operator: Client, usage: Account) -> None:
+    def state() -> list[dict[str, tuple[int, str]]]:
+        return [
+            {name: (id(value), repr(value)) for name, value in vars(model_admin).items()}
+            for model_admin in billing_admins()
+        ]
+
+    before = state()
+    viewer = Client()
+    views = ("billing.view_creditledgerentry", "billing.view_modelprice", "apikeys.view_apikey")
+    viewer.force_login(staff("auditor", *USERS_PAGE_PERMS, *views))
+    users = reverse("admin:billing_users")
+    for client in (operator, viewer):
+        for name in BILLING_PAGES:
+            assert client.get(reverse(name), {"o": "1"}).status_code == 200, name
+        filtered = client.get(users, {"q": "alice", "balance": "low", "activity": "week"})
+        assert filtered.status_code == 200
+    export = operator.get(reverse("admin:billing_usagerecord_export"))
+    assert csv_rows(export)
+    grant = grant_form(operator, usage.user) | {"amount": "1", "kind": "grant"}
+    operator.post(reverse("admin:billing_grant", args=[usage.user.pk]), grant)
+    operator.post(users, {"action": "grant_or_adjust", "_selected_action": [usage.user.pk]})
+    assert state() == before
 
 
 # --- Keys and prices -------------------------------------------------------------------

@@ -11,6 +11,7 @@ from rest_framework.test import APIClient
 
 from billing.models import CostSource, Outcome, Settlement, UsageRecord
 from billing.services import grant_credits
+from openrouter_proxy.errors import INVALID_API_KEY
 from tests.conftest import Account, make_account
 
 
@@ -62,11 +63,18 @@ def test_unauthenticated_calls_get_openai_style_errors(
     assert error["code"]
 
 
+def test_a_bad_key_is_refused_as_the_proxy_refuses_it(api: APIClient, db: None) -> None:
+    response = api.get("/api/billing/balance", headers={"X-Daemon-Token": "tg_bad"})
+    assert response.status_code == INVALID_API_KEY.status
+    assert response.json() == INVALID_API_KEY.payload()
+
+
 def test_revoked_key_is_refused(api: APIClient, account: Account) -> None:
     account.key.revoke()
     response = api.get("/api/billing/balance", headers=account.headers)
     assert response.status_code == 401
     assert "revoked" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == INVALID_API_KEY.code
 
 
 def test_usage_is_newest_first_paginated_and_only_the_callers(

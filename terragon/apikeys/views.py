@@ -16,10 +16,12 @@ from django.http import Http404, HttpRequest, JsonResponse
 from django.views.decorators.http import require_GET
 
 from billing.money import format_usd
+from openrouter_proxy.errors import Refusal
 from terragon.apikeys.limits import daemon_token_limits
 from terragon.apikeys.models import ApiKey
 
 DAEMON_TOKEN_LIFETIME = timedelta(days=30)
+LOGIN_REQUIRED = Refusal(401, "login_required", "Log in first (e.g. at /admin/login/).")
 
 
 @require_GET
@@ -27,16 +29,7 @@ def daemon_token(request: HttpRequest) -> JsonResponse:
     if not settings.DEBUG:
         raise Http404
     if not request.user.is_authenticated:
-        return JsonResponse(
-            {
-                "error": {
-                    "message": "Log in first (e.g. at /admin/login/).",
-                    "type": "authentication_error",
-                    "code": "login_required",
-                }
-            },
-            status=401,
-        )
+        return JsonResponse(LOGIN_REQUIRED.payload(), status=LOGIN_REQUIRED.status)
     key, token = ApiKey.objects.issue(
         request.user,
         name=f"daemon-token-{secrets.token_hex(4)}",
