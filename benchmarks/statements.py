@@ -83,12 +83,13 @@ def main() -> None:
                 sent = time.perf_counter()
                 client.post("/api/proxy/openrouter/v1/chat/completions", json=body)
                 time.sleep(0.2)
+                finished = time.perf_counter()  # before the servers stop (and retire)
     arrived = fake.times[-1]
     before = [sql for at, sql in statements if sent <= at < arrived]
-    after = [sql for at, sql in statements if at >= arrived]
+    after = [sql for at, sql in statements if arrived <= at < finished]
     print(
         f"{len(before)} before the upstream call ({describe(before)}), "
-        f"{len(after)} after it, in one transaction ({describe(after)})"
+        f"{len(after)} after it ({describe(after)})"
     )
 
 

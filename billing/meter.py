@@ -57,13 +57,13 @@ class BillingMeter:
     def admit(self, request: MeteredRequest) -> AdmissionResult:
         # The trace is written before the request goes upstream, so no generation
         # can start that a crash of this worker would leave unbilled.
-        result = admit_request(request.user_id, request.api_key_id, request.limits, detailed=True)
-        if result.admitted:
-            try:
-                recovery.open_request(request)
-            except DatabaseError:
-                logger.warning("could not write the trace of request %s", request.request_id)
-        return result
+        return admit_request(
+            request.user_id,
+            request.api_key_id,
+            request.limits,
+            detailed=True,
+            trace=recovery.trace_values(request),
+        )
 
     def release(self, request: MeteredRequest) -> None:
         release_request(request.user_id)
@@ -77,10 +77,10 @@ class BillingMeter:
         if recorded is None:
             # Spooled: the trace stays until the spool is replayed.
             return Receipt("spooled")
-        # Recorded (or found recorded): the trace has done its job.
-        with suppress(DatabaseError):
-            recovery.close_request(draft.request_id)
         if recorded.result is not RecordResult.RECORDED:
+            # Found recorded: the trace has done its job (a new record ends it itself).
+            with suppress(DatabaseError):
+                recovery.close_request(draft.request_id)
             return Receipt(recorded.result.value)
         settlement = str(recorded.settlement)
         cost = draft.usage.provider_cost

@@ -28,6 +28,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -51,19 +52,28 @@ def worker_id() -> uuid.UUID:
     return _worker[1]
 
 
-def open_request(trace: MeteredRequest) -> None:
+def trace_values(request: MeteredRequest) -> dict[str, Any]:
+    """The fields of an admitted request's trace (``OpenRequest``)."""
+    return {
+        "request_id": request.request_id,
+        "user": request.user_id,
+        "api_key_id": request.api_key_id,
+        "api_key_label": request.api_key_label[:40],
+        "endpoint": request.endpoint,
+        "requested_model": request.requested_model[:200],
+        "streamed": request.streamed,
+        "generation_id": "",
+        "worker": worker_id(),
+        "created_at": timezone.now(),
+    }
+
+
+def open_request(request: MeteredRequest) -> None:
     """Write the trace of an admitted request (a no-op if it exists)."""
+    values = trace_values(request)
+    values["user_id"] = values.pop("user")
     with contextlib.suppress(IntegrityError):
-        OpenRequest.objects.create(
-            request_id=trace.request_id,
-            user_id=trace.user_id,
-            api_key_id=trace.api_key_id,
-            api_key_label=trace.api_key_label[:40],
-            endpoint=trace.endpoint,
-            requested_model=trace.requested_model[:200],
-            streamed=trace.streamed,
-            worker=worker_id(),
-        )
+        OpenRequest.objects.create(**values)
 
 
 def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:

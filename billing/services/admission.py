@@ -6,21 +6,24 @@ user's account row and, for a key with limits, advances the key's meter row.
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol, overload
 
-from django.db import DataError, IntegrityError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import F, IntegerField, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from billing.conf import billing_settings
-from billing.models import CreditAccount, KeyMeter
+from billing.models import CreditAccount, KeyMeter, OpenRequest
 from billing.money import to_units
-from billing.services._sql import _sql_names, _utc_day
+from billing.services._sql import _insert_returning_pk, _prepared, _sql_names, _utc_day
 from openrouter_proxy.metering import Admission, AdmissionResult
+
+logger = logging.getLogger(__name__)
 
 
 class KeyLimitsLike(Protocol):
@@ -51,6 +54,7 @@ def admit_request(
     limits: KeyLimitsLike | None = None,
     *,
     detailed: Literal[False] = False,
+    trace: dict[str, Any] | None = None,
 ) -> Admission: ...
 
 
@@ -61,6 +65,7 @@ def admit_request(
     limits: KeyLimitsLike | None = None,
     *,
     detailed: Literal[True],
+    trace: dict[str, Any] | None = None,
 ) -> AdmissionResult: ...
 
 
@@ -70,6 +75,7 @@ def admit_request(
     limits: KeyLimitsLike | None = None,
     *,
     detailed: bool = False,
+    trace: dict[str, Any] | None = None,
 ) -> Admission | AdmissionResult:
     """Admit one billed request of a user, through one of their keys.
 
@@ -79,10 +85,25 @@ def admit_request(
     ``detailed`` the answer says when a refused request may be retried.
     """
     if key_id is None or limits is None or not _has_limits(limits):
-        result = AdmissionResult(_admit_user(user_id))
+        admission, traced = _admit_user(user_id, trace)
+        result = AdmissionResult(admission)
     else:
-        result = _admit_key(user_id, key_id, limits)
+        result, traced = _admit_key(user_id, key_id, limits), False
+    if trace is not None and result.admitted and not traced:
+        _write_trace(trace)
     return result if detailed else result.admission
+
+
+def _write_trace(trace: dict[str, Any]) -> None:
+    """The admitted request's write-ahead trace, as its own statement."""
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic():  # a savepoint, so a failure leaves the caller usable
+                _insert_returning_pk(OpenRequest, trace)
+        else:
+            _insert_returning_pk(OpenRequest, trace)
+    except DatabaseError:
+        logger.warning("could not write the trace of request %s", trace.get("request_id"))
 
 
 def _has_limits(limits: KeyLimitsLike) -> bool:
@@ -93,7 +114,7 @@ def _has_limits(limits: KeyLimitsLike) -> bool:
     )
 
 
-def _admit_user(user_id: int) -> Admission:
+def _admit_user(user_id: int, trace: dict[str, Any] | None = None) -> tuple[Admission, bool]:
     """Take one in-flight slot for the user if they have credit and a free slot.
 
     One conditional ``UPDATE``: row locking makes it exact across processes
@@ -102,7 +123,9 @@ def _admit_user(user_id: int) -> Admission:
     request for ``BILLING_IN_FLIGHT_LEASE`` seconds.
 
     This runs on every proxied request, so it is one plain statement rather
-    than an ORM query (which costs ten times as much Python here).
+    than an ORM query (which costs ten times as much Python here). On
+    PostgreSQL the request's write-ahead ``trace`` rides in the same statement
+    (inserted only if the slot was taken); the answer says whether it did.
     """
     now = timezone.now()
     ops = connection.ops
@@ -112,24 +135,35 @@ def _admit_user(user_id: int) -> Admission:
     )
     table, column = _sql_names(CreditAccount)
     in_flight, expires = column("in_flight"), column("in_flight_expires_at")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {table} SET {in_flight} = CASE WHEN {expires} < %s THEN 1 "  # noqa: S608
-            f"ELSE {in_flight} + 1 END, {expires} = %s "
-            f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
-            f"AND ({in_flight} < %s OR {expires} < %s)",
-            [now_value, lease_end, user_id, billing_settings.MAX_IN_FLIGHT, now_value],
+    take_slot = (
+        f"UPDATE {table} SET {in_flight} = CASE WHEN {expires} < %s THEN 1 "  # noqa: S608
+        f"ELSE {in_flight} + 1 END, {expires} = %s "
+        f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
+        f"AND ({in_flight} < %s OR {expires} < %s)"
+    )
+    params = [now_value, lease_end, user_id, billing_settings.MAX_IN_FLIGHT, now_value]
+    traced = trace is not None and connection.vendor == "postgresql"
+    if trace is not None and traced:
+        trace_table, trace_column = _sql_names(OpenRequest)
+        fields, trace_params = _prepared(OpenRequest, trace)
+        take_slot = (
+            f"WITH slot AS ({take_slot} RETURNING 1) "  # noqa: S608 (names from models)
+            f"INSERT INTO {trace_table} ({', '.join(trace_column(f.name) for f in fields)}) "
+            f"SELECT {', '.join(['%s'] * len(fields))} FROM slot"
         )
+        params += trace_params
+    with connection.cursor() as cursor:
+        cursor.execute(take_slot, params)
         if cursor.rowcount:
-            return Admission.ADMITTED
+            return Admission.ADMITTED, traced
         cursor.execute(
             f"SELECT {column('balance')} FROM {table} WHERE {column('user')} = %s",  # noqa: S608
             [user_id],
         )
         row = cursor.fetchone()
     if row is None or row[0] <= 0:
-        return Admission.NO_CREDIT
-    return Admission.TOO_MANY_IN_FLIGHT
+        return Admission.NO_CREDIT, False
+    return Admission.TOO_MANY_IN_FLIGHT, False
 
 
 def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> AdmissionResult:

@@ -21,6 +21,7 @@ from billing.models import (
     KeyMeter,
     LedgerKind,
     ModelPrice,
+    OpenRequest,
     Settlement,
     UsageRecord,
 )
@@ -69,7 +70,7 @@ def generation_belongs_to(user_id: int, generation_id: str) -> bool:
 
 
 def record_usage(draft: UsageDraft) -> Recorded:
-    """Write the usage record and its charge, once."""
+    """Write the usage record and its charge, once, and end the request's trace."""
     charge = determine_charge(draft, price_table_cost)
     usage = draft.usage
     keeps_slot = draft.holds_slot and charge.settlement == Settlement.PENDING
@@ -127,6 +128,7 @@ def record_usage(draft: UsageDraft) -> Recorded:
                     release_slot=release,
                     key=_key_of(draft.api_key_id, draft.api_key_label),
                 )
+                OpenRequest.objects.filter(request_id=draft.request_id).delete()
     except IntegrityError:
         if UsageRecord.objects.filter(request_id=draft.request_id).exists():
             return Recorded(RecordResult.ALREADY_RECORDED)
@@ -345,6 +347,7 @@ def _record_and_charge_in_one_statement(
     record_table, record_column = _sql_names(UsageRecord)
     ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
     _, account_column = _sql_names(CreditAccount)
+    trace_table, trace_column = _sql_names(OpenRequest)
     record_fields, record_params = _prepared(UsageRecord, values)
     meter_upsert = _meter_upsert_sql(
         "SELECT %s, %s, %s, %s, %s, %s, '', 0, %s FROM account WHERE %s"
@@ -360,7 +363,9 @@ def _record_and_charge_in_one_statement(
         f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
         f"account AS ({_account_upsert_sql()}), "
         # After the account (it selects from it): rows are locked account first.
-        f"meter AS ({meter_upsert}) "
+        f"meter AS ({meter_upsert}), "
+        # The request's write-ahead trace has done its job (see billing.recovery).
+        f"closed AS (DELETE FROM {trace_table} WHERE {trace_column('request_id')} = %s) "
         f"SELECT (SELECT {account_column('balance')} FROM account), meter.* "
         "FROM (SELECT 1) AS one LEFT JOIN meter ON true"
     )
@@ -379,6 +384,7 @@ def _record_and_charge_in_one_statement(
         release_slot,
         *_meter_upsert_params(key or (0, ""), user_id, amount, at),
         key is not None and amount > 0,
+        request_id,
     ]
 
     def execute() -> Any:
