@@ -103,14 +103,30 @@ async def _worker(
 
 
 async def run_load(
-    url: str, body: bytes | None, headers: dict[str, str], connections: int, duration: float
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    connections: int,
+    duration: float,
+    tokens: list[str] | None = None,
 ) -> LoadResult:
-    host, port, request = build_request(url, body, headers)
+    """``connections`` keep-alive connections for ``duration`` seconds.
+
+    With ``tokens`` connection *i* sends ``X-Daemon-Token: tokens[i % n]``, so
+    load spreads over users as wrk's script spreads it (one user's requests in
+    flight are bounded by billing).
+    """
+    requests = []
+    for index in range(connections):
+        own = dict(headers)
+        if tokens:
+            own["X-Daemon-Token"] = tokens[index % len(tokens)]
+        requests.append(build_request(url, body, own))
     result = LoadResult()
     started = time.perf_counter()
     deadline = started + duration
     await asyncio.gather(
-        *(_worker(request, host, port, deadline, result) for _ in range(connections))
+        *(_worker(request, host, port, deadline, result) for host, port, request in requests)
     )
     result.duration = time.perf_counter() - started
     return result

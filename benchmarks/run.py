@@ -419,11 +419,14 @@ class Bench:
                 requests=result["requests"],
             )
         headers = {"Content-Type": "application/json", **target.headers}
-        if target.tokens:
-            headers["X-Daemon-Token"] = target.tokens[0]
         outcome = run_async(
             loadgen.run_load(
-                target.url, self.bodies[body].read_bytes(), headers, connections, duration
+                target.url,
+                self.bodies[body].read_bytes(),
+                headers,
+                connections,
+                duration,
+                tokens=list(target.tokens),
             )
         )
         return Measured(
