@@ -8,7 +8,7 @@ explains it, through an atomic ``UPDATE ... SET balance = balance + x``.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -133,9 +133,6 @@ class UsageRecordQuerySet(models.QuerySet["UsageRecord"]):
 
     def since(self, moment: datetime) -> UsageRecordQuerySet:
         return self.filter(created_at__gte=moment)
-
-    def last_days(self, days: int) -> UsageRecordQuerySet:
-        return self.since(timezone.now() - timedelta(days=days))
 
 
 class UsageRecord(models.Model):

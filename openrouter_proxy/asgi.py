@@ -68,6 +68,21 @@ class BodyTooLarge(Exception):
     pass
 
 
+#: Django's non-public handler API the fast path relies on, as (owner, name, how it
+#: is used); ``tests/unit/test_django_internals.py`` pins each for every supported
+#: Django minor. ``load_middleware`` fills the attributes that
+#: ``_get_response_async`` reads, and a response carries its handler's class for
+#: ``close()`` (the ``request_finished`` signal), as Django's own handler does.
+DJANGO_INTERNALS = (
+    ("BaseHandler", "_get_response_async", "awaited for the view's response"),
+    ("BaseHandler", "_middleware_chain", "set: what get_response_async calls"),
+    ("BaseHandler", "_view_middleware", "set empty; read by _get_response_async"),
+    ("BaseHandler", "_template_response_middleware", "set empty; read likewise"),
+    ("BaseHandler", "_exception_middleware", "set empty; read likewise"),
+    ("HttpResponseBase", "_handler_class", "set; read by close()"),
+)
+
+
 class ProxyHandler(ASGIHandler):
     """Django's ASGI handler with no middleware, no request signals, a body limit."""
 

@@ -34,18 +34,18 @@ R = TypeVar("R")
 IDLE_CHECK_SECONDS = 30.0
 
 _executor: ThreadPoolExecutor | None = None
+_threads = 0
 _executor_lock = threading.Lock()
 _state = threading.local()
 
 
 def _get_executor() -> ThreadPoolExecutor:
-    global _executor
+    global _executor, _threads
     if _executor is None:
         with _executor_lock:
             if _executor is None:
-                _executor = ThreadPoolExecutor(
-                    max_workers=proxy_settings.DB_THREADS, thread_name_prefix="proxy-db"
-                )
+                _threads = proxy_settings.DB_THREADS
+                _executor = ThreadPoolExecutor(max_workers=_threads, thread_name_prefix="proxy-db")
     return _executor
 
 
@@ -89,7 +89,7 @@ def shutdown() -> None:
     global _executor
     executor, _executor = _executor, None
     if executor is not None:
-        threads = executor._max_workers
+        threads = _threads
         # Each thread must take exactly one closing task: they meet at a barrier.
         barrier = threading.Barrier(threads)
 

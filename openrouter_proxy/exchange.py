@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 import uuid
-from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -154,12 +153,12 @@ class Exchange:
         await asyncio.shield(task)
 
     async def _record(self, draft: UsageDraft) -> None:
-        # Let the generation id land before the record ends the request's trace.
-        if self._answered is not None and not self._answered.done():
-            self._answered.set_result(None)
-        if self._answering is not None:
-            with suppress(Exception):
-                await asyncio.shield(self._answering)
+        # The record carries the generation id itself: a note of it still queued
+        # for a database thread is dropped, and one already running lands on the
+        # request's trace or, once the record has ended the trace, on nothing.
+        # Either way the request never waits for it.
+        if self._answering is not None and not self._answering.done():
+            self._answering.cancel()
         receipt = await run_db(self.meter.record, draft)
         observability.billed_request_finished(draft, receipt)
         if receipt.awaits_cost and draft.usage.generation_id:
