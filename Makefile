@@ -29,10 +29,21 @@ test: $(STAMP)
 	$(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS)
 
+# One layer of the suite alone (tests/unit, tests/app, tests/system), without the other checks.
+.PHONY: test-unit test-app test-system
+test-unit: $(STAMP)
+	$(BIN)/pytest -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+test-app: $(STAMP)
+	$(BIN)/pytest -p no:cacheprovider tests/app $(PYTEST_ARGS)
+
+test-system: $(STAMP)
+	$(BIN)/pytest -p no:cacheprovider tests/system $(PYTEST_ARGS)
+
 # The npm clients the end-to-end tests run (opencode, Claude Code, Codex), pinned, into var/.
 # The tests install them on first use too; this does it up front (CI).
 clients: $(STAMP)
-	$(BIN)/python -m tests.npm_clients
+	$(BIN)/python -m tests.support.npm_clients
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -74,5 +85,5 @@ soak: $(STAMP)
 	mkdir -p var
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-20000} RELIABILITY_LONG=1 \
 		RELIABILITY_FIGURES=$${RELIABILITY_FIGURES:-var/reliability-figures.jsonl} \
-		$(BIN)/pytest -p no:cacheprovider -s -rxX tests/test_soak.py \
-		tests/test_faults.py::test_database_recovers_promptly_after_a_long_outage
+		$(BIN)/pytest -p no:cacheprovider -s -rxX tests/system/test_soak.py \
+		tests/system/test_faults.py::test_database_recovers_promptly_after_a_long_outage

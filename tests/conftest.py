@@ -3,24 +3,28 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import pytest
-from django.contrib.auth import get_user_model
 from hypothesis import settings as settings_profiles
 
-from billing.services import grant_credits
 from devtools.fake_openrouter import (
     FakeOpenRouter,
     RunningFake,
     run_fake_openrouter,
 )
-from terragon.apikeys.models import ApiKey
-from tests.servers import serve_in_thread
 
-SERVER_KEY = "sk-or-test-server-key-0123456789"
+# The shared helpers assert too: their failures read like a test's (before they are imported).
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support.accounts import (  # noqa: E402
+    ECHO_ENDPOINTS,
+    SERVER_KEY,
+    Account,
+    Gateway,
+    make_account,
+)
+from tests.support.servers import serve_in_thread  # noqa: E402
 
 # One line per test client request would drown the output of a failing test.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -52,39 +56,6 @@ def _isolated_settings(settings: Any, tmp_path: Any) -> None:
     settings.OPENROUTER_PROXY_ENDPOINTS = ECHO_ENDPOINTS
 
 
-#: The fake's echo route, opened for the tests of what crosses the proxy.
-ECHO_ENDPOINTS = [{"path": "echo/**", "policy": "open", "methods": ["GET", "POST", "PUT"]}]
-
-
-BROKEN_VERIFIER = "tests.conftest.broken_verifier"
-
-
-def broken_verifier(token: str) -> None:
-    """A key verifier whose database is unreachable (point the setting at BROKEN_VERIFIER)."""
-    from django.db import OperationalError
-
-    raise OperationalError("could not connect to server: Connection refused")
-
-
-@dataclass
-class Account:
-    user: Any
-    token: str
-    key: ApiKey
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"X-Daemon-Token": self.token}
-
-
-def make_account(username: str = "alice", credit: Decimal | str | None = "10") -> Account:
-    user = get_user_model().objects.create_user(username=username, email=f"{username}@example.com")
-    if credit is not None and Decimal(credit) != 0:
-        grant_credits(user, Decimal(credit), note="test credit")
-    key, token = ApiKey.objects.issue(user, name="test")
-    return Account(user=user, token=token, key=key)
-
-
 @pytest.fixture
 def account(db: None) -> Account:
     return make_account()
@@ -94,16 +65,6 @@ def account(db: None) -> Account:
 def fake() -> Iterator[RunningFake]:
     with run_fake_openrouter(FakeOpenRouter(generation_delay=0.2, api_key=SERVER_KEY)) as running:
         yield running
-
-
-@dataclass
-class Gateway:
-    url: str
-    fake: RunningFake
-
-    @property
-    def proxy(self) -> str:
-        return f"{self.url}/api/proxy/openrouter"
 
 
 @pytest.fixture

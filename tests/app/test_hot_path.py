@@ -1,0 +1,170 @@
+"""The pieces that make the proxy fast keep it correct."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
+from billing.services import balance_of, check_ledger
+from openrouter_proxy.callers import ApiKeyRejected, verification_cache, verify_token
+from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
+from tests.support.servers import wait_until
+
+CHAT = {"model": "x-ai/grok-code-fast-1", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture
+def key_cache(settings: Any) -> Any:
+    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 60
+    verification_cache.clear()
+    yield
+    verification_cache.clear()
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Tokens the default verifier was asked about."""
+    import terragon.apikeys.verifier as verifier
+    from openrouter_proxy import callers
+
+    calls: list[str] = []
+    real = verifier.verify_api_key
+
+    def counting(token: str) -> Any:
+        calls.append(token)
+        return real(token)
+
+    monkeypatch.setattr(verifier, "verify_api_key", counting)
+    callers._load_verifier.cache_clear()
+    yield calls
+    callers._load_verifier.cache_clear()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verified_tokens_are_remembered(
+    live_account: Account, key_cache: None, verifications: list[str]
+) -> None:
+    calls = verifications
+    first = asyncio.run(verify_token(live_account.token))
+    second = asyncio.run(verify_token(live_account.token))
+    assert first is not None
+    assert second == first
+    assert len(calls) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_refusals_are_remembered_and_raised_again(
+    live_account: Account, key_cache: None, verifications: list[str]
+) -> None:
+    live_account.key.revoke()
+    calls = verifications
+    for _ in range(3):
+        with pytest.raises(ApiKeyRejected, match="revoked"):
+            asyncio.run(verify_token(live_account.token))
+    assert asyncio.run(verify_token("tg_garbage")) is None
+    assert asyncio.run(verify_token("tg_garbage")) is None
+    assert len(calls) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_database_errors_are_not_remembered(
+    live_account: Account, key_cache: None, settings: Any
+) -> None:
+    from django.db import OperationalError
+
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = BROKEN_VERIFIER
+    for _ in range(2):
+        with pytest.raises(OperationalError):
+            asyncio.run(verify_token(live_account.token))
+    settings.OPENROUTER_PROXY_KEY_VERIFIER = "terragon.apikeys.verifier.verify_api_key"
+    assert asyncio.run(verify_token(live_account.token)) is not None
+
+
+def test_the_cache_keeps_no_token_and_stays_bounded(key_cache: None) -> None:
+    from openrouter_proxy.callers import VerificationCache
+
+    cache = VerificationCache()
+    cache.MAX_ENTRIES = 3
+    for n in range(5):
+        cache.put(f"tg_token_{n}", None, 60)
+    assert len(cache._entries) == 3
+    assert all(isinstance(key, bytes) and b"tg_" not in key for key in cache._entries)
+    assert cache.get("tg_token_0") == (False, None)
+    assert cache.get("tg_token_4") == (True, None)
+
+
+# --- httpx's own transport, the alternative to aiohttp -----------------------------------
+
+
+@pytest.fixture
+def httpx_transport(settings: Any) -> None:
+    settings.OPENROUTER_PROXY_TRANSPORT = "httpx"
+
+
+def test_httpx_transport_json_and_stream(
+    httpx_transport: None, gateway: Gateway, live_account: Account
+) -> None:
+    url = f"{gateway.proxy}/v1/chat/completions"
+    plain = httpx.post(url, json=CHAT, headers=live_account.headers)
+    streamed = httpx.post(url, json={**CHAT, "stream": True}, headers=live_account.headers)
+    assert plain.status_code == streamed.status_code == 200
+    cost = json.loads(plain.content, parse_float=Decimal)["usage"]["cost"]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    records = UsageRecord.objects.order_by("created_at")
+    assert [r.streamed for r in records] == [False, True]
+    assert records[0].billed == cost
+    assert check_ledger() == []
+
+
+def test_httpx_transport_query_string_is_byte_exact(
+    httpx_transport: None, gateway: Gateway, live_account: Account
+) -> None:
+    query = "a=%20b+c&d=e%2Bf"
+    response = httpx.get(f"{gateway.proxy}/echo/x?{query}", headers=live_account.headers)
+    assert response.json()["query"] == query
+
+
+def test_httpx_transport_disconnect_is_settled(
+    httpx_transport: None, gateway: Gateway, live_account: Account
+) -> None:
+    headers = {**live_account.headers, "X-Fake-Mode": "chunks=50,chunk-delay=0.1"}
+    with httpx.stream(
+        "POST",
+        f"{gateway.proxy}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers=headers,
+    ) as response:
+        pieces = response.iter_raw()
+        next(pieces)
+        next(pieces)
+    assert wait_until(lambda: gateway.fake.app.disconnected_streams == 1)
+    assert wait_until(
+        lambda: UsageRecord.objects.filter(settlement=Settlement.SETTLED).exists(), timeout=8
+    )
+    record = UsageRecord.objects.get()
+    assert record.outcome == Outcome.CLIENT_DISCONNECTED
+    assert balance_of(live_account.user) == Decimal(10) - record.billed
+    assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
+
+
+def test_aiohttp_transport_reports_upstream_failures_like_httpx(
+    gateway: Gateway, live_account: Account, settings: Any
+) -> None:
+    """Connect refused: retry is safe. Silence after sending: it is not."""
+    settings.OPENROUTER_PROXY_READ_TIMEOUT = 0.3
+    url = f"{gateway.proxy}/v1/chat/completions"
+    silent = httpx.post(
+        url, json=CHAT, headers={**live_account.headers, "X-Fake-Mode": "first-byte-delay=2"}
+    )
+    assert silent.status_code == 504
+    assert silent.headers["x-should-retry"] == "false"
+    settings.OPENROUTER_PROXY_BASE_URL = "http://127.0.0.1:9/api"
+    refused = httpx.post(url, json=CHAT, headers=live_account.headers)
+    assert refused.status_code == 502
+    assert refused.headers["x-should-retry"] == "true"
