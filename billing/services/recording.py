@@ -142,6 +142,15 @@ def record_usage(draft: UsageDraft) -> Recorded:
     return Recorded(RecordResult.RECORDED, charge.settlement)
 
 
+def _locked_if_pending(record_id: int) -> UsageRecord | None:
+    """The record, locked for this transaction, if it is still pending."""
+    return (
+        UsageRecord.objects.select_for_update()
+        .filter(pk=record_id, settlement=Settlement.PENDING)
+        .first()
+    )
+
+
 def settle_pending(
     record_id: int, cost: Decimal, source: str = CostSource.GENERATION, **tokens: int | None
 ) -> bool:
@@ -151,11 +160,7 @@ def settle_pending(
     caller find the record still pending.
     """
     with transaction.atomic():
-        record = (
-            UsageRecord.objects.select_for_update()
-            .filter(pk=record_id, settlement=Settlement.PENDING)
-            .first()
-        )
+        record = _locked_if_pending(record_id)
         if record is None:
             return False
         record.settlement = Settlement.SETTLED
@@ -184,11 +189,7 @@ def settle_pending(
 def give_up_pending(record_id: int, reason: str) -> bool:
     """Mark a pending record unpriced (for an operator) and free its slot."""
     with transaction.atomic():
-        record = (
-            UsageRecord.objects.select_for_update()
-            .filter(pk=record_id, settlement=Settlement.PENDING)
-            .first()
-        )
+        record = _locked_if_pending(record_id)
         if record is None:
             return False
         release = record.holds_slot

@@ -25,6 +25,7 @@ fails its test; elsewhere the test is skipped with the reason.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,6 +183,55 @@ CODEX = NpmClient(
     executable="bin/codex.js",
 )
 CLIENTS: tuple[NpmClient, ...] = (OPENCODE, CLAUDE_CODE, CODEX)
+
+
+#: Longest a client may take for one prompt against the fake.
+RUN_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """One run of a client CLI: its exit status, its output and a report for assertions."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> str:
+        return f"exit {self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+    def json_events(self) -> list[dict[str, Any]]:
+        """Its standard output read as JSON lines, one object each."""
+        events = []
+        for line in self.stdout.splitlines():
+            if line.strip():
+                event = json.loads(line)
+                assert isinstance(event, dict), line
+                events.append(event)
+        return events
+
+
+def run_client(command: list[str], root: Path, env: dict[str, str]) -> ClientRun:
+    """Run a client CLI in a fresh project folder under ``root``, no input, bounded in time."""
+    workdir = root / "project"
+    workdir.mkdir()
+    try:
+        result = subprocess.run(
+            command,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(
+            f"{Path(command[0]).name} took over {RUN_TIMEOUT:.0f} s; stdout: {exc.stdout!r}"
+        )
+    return ClientRun(result.returncode, result.stdout, result.stderr)
 
 
 def in_ci() -> bool:

@@ -9,7 +9,6 @@ usage carries no cost, so its record settles from the generation stats.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,9 @@ from tests.support.client_charges import (
     upstream_requests,
     wait_for_settled_records,
 )
-from tests.support.npm_clients import CLAUDE_CODE, isolated_env, require
+from tests.support.npm_clients import CLAUDE_CODE, isolated_env, require, run_client
 
 MODEL = "x-ai/grok-code-fast-1"
-RUN_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="session")
@@ -68,27 +66,12 @@ def test_claude_code_print_is_answered_through_the_proxy_and_billed(
 ) -> None:
     settings.BILLING_MARKUP = MARKUP
     env = claude_env(tmp_path, gateway.proxy, live_account.token)
-    workdir = tmp_path / "project"
-    workdir.mkdir()
-
     command = [str(claude), "-p", "Hi, how are you?", "--model", MODEL, "--output-format", "json"]
-    try:
-        result = subprocess.run(
-            command,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"claude -p took over {RUN_TIMEOUT:.0f} s; stdout: {exc.stdout!r}")
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    run = run_client(command, tmp_path, env)
+    report = run.report
 
-    assert result.returncode == 0, report
-    output = json.loads(result.stdout)
+    assert run.returncode == 0, report
+    output = json.loads(run.stdout)
     assert output["type"] == "result", report
     assert output["subtype"] == "success", report
     assert output["is_error"] is False, report

@@ -9,7 +9,6 @@ the ``response.completed`` event.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,9 @@ from tests.support.client_charges import (
     upstream_requests,
     wait_for_settled_records,
 )
-from tests.support.npm_clients import CODEX, isolated_env, require
+from tests.support.npm_clients import CODEX, isolated_env, require, run_client
 
 MODEL = "x-ai/grok-code-fast-1"
-RUN_TIMEOUT = 120.0
 
 
 @pytest.fixture(scope="session")
@@ -59,16 +57,6 @@ stream_max_retries = 0
 """
 
 
-def json_events(stdout: str) -> list[dict[str, Any]]:
-    events = []
-    for line in stdout.splitlines():
-        if line.strip():
-            event = json.loads(line)
-            assert isinstance(event, dict), line
-            events.append(event)
-    return events
-
-
 @pytest.mark.slow
 def test_codex_exec_is_answered_through_the_proxy_and_billed(
     gateway: Gateway, live_account: Account, codex: Path, tmp_path: Path, settings: Any
@@ -80,27 +68,12 @@ def test_codex_exec_is_answered_through_the_proxy_and_billed(
     (codex_home / "config.toml").write_text(codex_config(f"{gateway.proxy}/v1"))
     env["CODEX_HOME"] = str(codex_home)
     env["TERRAGON_TOKEN"] = live_account.token
-    workdir = tmp_path / "project"
-    workdir.mkdir()
-
     command = [str(codex), "exec", "--skip-git-repo-check", "--json", "Hi, how are you?"]
-    try:
-        result = subprocess.run(
-            command,
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"codex exec took over {RUN_TIMEOUT:.0f} s; stdout: {exc.stdout!r}")
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    run = run_client(command, tmp_path, env)
+    report = run.report
 
-    assert result.returncode == 0, report
-    events = json_events(result.stdout)
+    assert run.returncode == 0, report
+    events = run.json_events()
     assert not [e for e in events if e.get("type") in ("error", "turn.failed")], report
     answers = [
         event["item"]["text"]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,11 +13,10 @@ from billing.services import balance_of, check_ledger
 from devtools.fake_openrouter import ANSWER_TEXT, SeenRequest
 from terragon.management.commands.serve import opencode_config
 from tests.support.accounts import SERVER_KEY, Account, Gateway
-from tests.support.npm_clients import OPENCODE, isolated_env, require
+from tests.support.npm_clients import OPENCODE, isolated_env, require, run_client
 from tests.support.servers import wait_until
 
 MODEL = "x-ai/grok-code-fast-1"
-RUN_TIMEOUT = 120.0
 
 # Everything opencode could fetch, share or download, switched off. opencode also
 # installs @opencode-ai/plugin into each config folder in the background, with
@@ -50,16 +47,6 @@ def opencode_env(root: Path, token: str) -> dict[str, str]:
     return {**isolated_env(root), **OFFLINE, "TERRAGON_TOKEN": token}
 
 
-def json_events(stdout: str) -> list[dict[str, Any]]:
-    events = []
-    for line in stdout.splitlines():
-        if line.strip():
-            event = json.loads(line)
-            assert isinstance(event, dict), line
-            events.append(event)
-    return events
-
-
 def chat_requests(gateway: Gateway) -> list[SeenRequest]:
     return [seen for seen in gateway.fake.app.requests if seen.path.endswith("/chat/completions")]
 
@@ -72,34 +59,12 @@ def test_opencode_run_is_answered_through_the_proxy_and_billed(
     config = Path(env["XDG_CONFIG_HOME"]) / "opencode" / "opencode.json"
     config.parent.mkdir(parents=True)
     config.write_text(json.dumps(opencode_config(f"{gateway.proxy}/v1"), indent=2))
-    workdir = tmp_path / "project"
-    workdir.mkdir()
+    command = [str(opencode), "run", "--model", "terry/grok-code", "--format", "json"]
+    run = run_client([*command, "Hi, how are you?"], tmp_path, env)
+    report = run.report
 
-    try:
-        result = subprocess.run(
-            [
-                str(opencode),
-                "run",
-                "--model",
-                "terry/grok-code",
-                "--format",
-                "json",
-                "Hi, how are you?",
-            ],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"opencode run took over {RUN_TIMEOUT:.0f} s; stdout: {exc.stdout!r}")
-    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-    assert result.returncode == 0, report
-    events = json_events(result.stdout)
+    assert run.returncode == 0, report
+    events = run.json_events()
     assert not [event for event in events if event.get("type") == "error"], report
     texts = [event["part"]["text"] for event in events if event.get("type") == "text"]
     assert any(ANSWER_TEXT in text for text in texts), report
