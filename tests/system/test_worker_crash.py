@@ -242,7 +242,11 @@ async def _streams(url: str, accounts: list[Account], count: int) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_sigkill_mid_stream_loses_no_charge(fake: RunningFake, tmp_path: Path) -> None:
+def test_sigkill_mid_stream_loses_no_charge(
+    fake: RunningFake, tmp_path: Path, settings: Any
+) -> None:
+    # reconcile_usage below runs here: it asks the same fake for generation stats.
+    settings.OPENROUTER_PROXY_BASE_URL = fake.base_url
     accounts = [make_account(f"crash{n}") for n in range(6)]
     env: dict[str, Any] = {**FAST_RECOVERY, "BILLING_MAX_IN_FLIGHT": 20}
     with server_process(2, fake.base_url, tmp_path / "server.log", **env) as server:
