@@ -67,8 +67,11 @@ def test_a_request_leaves_no_trace_once_recorded(gateway: Gateway, live_account:
     record = wait_for(lambda: UsageRecord.objects.first(), "the usage record")
     wait_for(lambda: not OpenRequest.objects.exists(), "the trace to be removed")
     assert record.outcome == Outcome.COMPLETED
-    # The worker that served it beats.
-    assert WorkerHeartbeat.objects.filter(worker=worker_id()).exists()
+    # The worker that served it beats (its first beat starts beside the first admission).
+    wait_for(
+        lambda: WorkerHeartbeat.objects.filter(worker=worker_id()).exists(),
+        "the worker's first heartbeat",
+    )
 
 
 def test_the_trace_knows_the_generation_while_the_stream_runs(
