@@ -68,14 +68,6 @@ def trace_values(request: MeteredRequest) -> dict[str, Any]:
     }
 
 
-def open_request(request: MeteredRequest) -> None:
-    """Write the trace of an admitted request (a no-op if it exists)."""
-    values = trace_values(request)
-    values["user_id"] = values.pop("user")
-    with contextlib.suppress(IntegrityError):
-        OpenRequest.objects.create(**values)
-
-
 def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:
     """The upstream answered: from now on the generation stats can price the request."""
     OpenRequest.objects.filter(request_id=request_id).update(

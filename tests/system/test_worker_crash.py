@@ -27,6 +27,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
+from billing.meter import BillingMeter
 from billing.models import (
     CreditAccount,
     OpenRequest,
@@ -38,7 +39,6 @@ from billing.models import (
 from billing.recovery import (
     beat,
     mark_answered,
-    open_request,
     recover_lost_requests,
     worker_id,
 )
@@ -178,7 +178,7 @@ def test_live_and_young_traces_are_left_alone(account: Account) -> None:
     WorkerHeartbeat.objects.filter(worker=alive.worker).update(seen_at=timezone.now())
     young = dead_trace(account, age=0.5)
     mine = MeteredRequest(uuid.uuid4(), account.user.pk, "messages", streamed=False)
-    open_request(mine)
+    assert BillingMeter().admit(mine).admitted  # writes its trace, as for a request
     mark_answered(mine.request_id, "gen-mine")
     OpenRequest.objects.filter(request_id=mine.request_id).update(
         created_at=timezone.now() - timedelta(hours=1)
