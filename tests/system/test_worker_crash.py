@@ -55,7 +55,9 @@ from tests.support.waiting import wait_for
 PATH = "/api/proxy/openrouter/v1/chat/completions"
 #: Two-second streams: 50 pieces 40 ms apart.
 SLOW = "chunks=50,chunk-delay=0.04"
-FAST_RECOVERY = {"BILLING_WORKER_HEARTBEAT": "0.3", "BILLING_WORKER_STALE_AFTER": "1.5"}
+# A live worker's beat can wait seconds for SQLite's write lock while 60 streams record:
+# the staleness delay leaves room for that, or a live worker's streams would be recovered.
+FAST_RECOVERY = {"BILLING_WORKER_HEARTBEAT": "0.3", "BILLING_WORKER_STALE_AFTER": "3"}
 
 
 # --- The trace through the gateway, and the recovery rules ------------------------------
