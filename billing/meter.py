@@ -63,6 +63,7 @@ class BillingMeter:
             request.limits,
             detailed=True,
             trace=recovery.trace_values(request),
+            ending=request.ending,
         )
 
     def release(self, request: MeteredRequest) -> None:

@@ -14,6 +14,10 @@ closing stale database connections, is done by ``openrouter_proxy.db`` for
 the proxy's own threads). Host-site receivers of those signals do not see
 proxied requests.
 
+Its event loop outlives every response, so a metered request's record is
+written just after its response has ended rather than before the last byte
+(see ``exchange.py``): the client does not wait for the database.
+
 This layer refuses, before a byte of the body is read, a request with no API
 key or with a declared body over the limit, stops reading a body that grows
 past the limit, and runs the lifespan protocol: at shutdown it waits for
@@ -52,6 +56,7 @@ from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
 from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
+from openrouter_proxy.exchange import records_after_response
 from openrouter_proxy.liveness import stop_heartbeat
 from openrouter_proxy.settlement import drain
 from openrouter_proxy.upstream import close_clients
@@ -170,6 +175,7 @@ class ProxyHandler(ASGIHandler):
             body.close()
 
     async def _respond(self, request: HttpRequest, send: Send) -> None:
+        records_after_response()
         response = await self.get_response_async(request)
         response._handler_class = self.__class__  # type: ignore[attr-defined]
         with suppress(asyncio.CancelledError):

@@ -5,6 +5,14 @@ upstream, tells it the generation id when the upstream answers (beside the
 relay, never in its way), and hands it the request's draft exactly once when
 the request ends, however it ends. A record that waits for its cost is settled
 later from generation stats (``settlement.py``).
+
+The record is written after the response has ended, not before its last byte:
+the client does not wait for it. Until it is written the request's admission
+trace stands for it (a worker that dies meanwhile leaves the trace to
+recovery, see ``metering.Meter.recover``), and a stopping worker waits for it
+like any background task. The caller's next admission on this worker is told
+how many of its requests are ended but not yet recorded, so their slots do not
+count against its bound on requests in flight.
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from django.db import DatabaseError
 from django.utils import timezone
@@ -33,6 +44,40 @@ from openrouter_proxy.metering import (
 from openrouter_proxy.settlement import run_in_background, settle_from_generation
 
 logger = logging.getLogger("openrouter_proxy.requests")
+
+#: Records this worker is still writing, by caller (see ``MeteredRequest.ending``).
+_recording: dict[int, set[asyncio.Task[None]]] = {}
+_after_response: ContextVar[bool] = ContextVar("records_after_response", default=False)
+
+
+def records_after_response() -> None:
+    """Let the responses of the current task end before their records are written.
+
+    The fast path (``asgi.py``) calls this: its event loop outlives every
+    response, so a record started at a response's end is written beside the
+    next requests. Elsewhere (Django's own handler, the test client, WSGI,
+    whose loop may end with the response) a response ends after its record.
+    """
+    _after_response.set(True)
+
+
+def records_in_progress() -> int:
+    """How many ended requests this process has yet to record (every loop)."""
+    return sum(len(tasks) for tasks in list(_recording.values()))
+
+
+def _start_record(user_id: int, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    task = run_in_background(coro)
+    pending = _recording.setdefault(user_id, set())
+    pending.add(task)
+
+    def written(done: asyncio.Task[None]) -> None:
+        pending.discard(done)
+        if not pending and _recording.get(user_id) is pending:
+            del _recording[user_id]
+
+    task.add_done_callback(written)
+    return task
 
 
 @dataclass(slots=True)
@@ -65,6 +110,7 @@ class Exchange:
             api_key_id=self.caller.key_id,
             api_key_label=self.caller.key_label,
             limits=self.caller.limits,
+            ending=len(_recording.get(self.caller.user_id, ())),
         )
 
     async def admit(self) -> AdmissionResult:
@@ -147,10 +193,15 @@ class Exchange:
         *,
         cost_unknown: bool = False,
     ) -> None:
-        """Record the request's end; the caller's cancellation cannot cut it short."""
+        """Record the request's end; the caller's cancellation cannot cut it short.
+
+        Under the fast path (see :func:`records_after_response`) this only
+        starts the record: the response ends without waiting for it.
+        """
         draft = self.draft(outcome, capture, error, cost_unknown=cost_unknown)
-        task = run_in_background(self._record(draft))
-        await asyncio.shield(task)
+        task = _start_record(draft.user_id, self._record(draft))
+        if not _after_response.get():
+            await asyncio.shield(task)
 
     async def _record(self, draft: UsageDraft) -> None:
         # The record carries the generation id itself: a note of it still queued
@@ -159,7 +210,12 @@ class Exchange:
         # Either way the request never waits for it.
         if self._answering is not None and not self._answering.done():
             self._answering.cancel()
-        receipt = await run_db(self.meter.record, draft)
+        try:
+            receipt = await run_db(self.meter.record, draft)
+        except Exception:
+            # The response has ended; the request's trace is left to recovery.
+            logger.exception("could not record request %s", draft.request_id)
+            return
         observability.billed_request_finished(draft, receipt)
         if receipt.awaits_cost and draft.usage.generation_id:
             run_in_background(

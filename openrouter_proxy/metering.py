@@ -141,6 +141,10 @@ class MeteredRequest:
     api_key_id: int | None = None
     api_key_label: str = ""
     limits: KeyLimits | None = None
+    #: The caller's requests on this worker that have ended but whose records
+    #: are still being written: they hold no upstream call any more, so a
+    #: bound on requests in flight should not count them.
+    ending: int = 0
 
 
 class Admission(enum.Enum):

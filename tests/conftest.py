@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.db import connection
 from hypothesis import settings as settings_profiles
 
 from devtools.fake_openrouter import (
@@ -25,6 +26,7 @@ from tests.support.accounts import (  # noqa: E402
     make_account,
 )
 from tests.support.servers import serve_in_thread  # noqa: E402
+from tests.support.waiting import after_records  # noqa: E402
 
 # One line per test client request would drown the output of a failing test.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -69,11 +71,16 @@ def fake() -> Iterator[RunningFake]:
 
 @pytest.fixture
 def gateway(transactional_db: None, fake: RunningFake, settings: Any) -> Iterator[Gateway]:
-    """The whole site under a real uvicorn server, proxying to the fake OpenRouter."""
+    """The whole site under a real uvicorn server, proxying to the fake OpenRouter.
+
+    The server writes a request's record just after its response has ended;
+    the test's queries wait for the records of every ended request first, so
+    a test reads the books as they stand once its responses are recorded.
+    """
     settings.OPENROUTER_PROXY_BASE_URL = fake.base_url
     from terragon.asgi import application
 
-    with serve_in_thread(application) as url:
+    with serve_in_thread(application) as url, connection.execute_wrapper(after_records):
         yield Gateway(url=url, fake=fake)
 
 

@@ -55,6 +55,7 @@ def admit_request(
     *,
     detailed: Literal[False] = False,
     trace: dict[str, Any] | None = None,
+    ending: int = 0,
 ) -> Admission: ...
 
 
@@ -66,6 +67,7 @@ def admit_request(
     *,
     detailed: Literal[True],
     trace: dict[str, Any] | None = None,
+    ending: int = 0,
 ) -> AdmissionResult: ...
 
 
@@ -76,6 +78,7 @@ def admit_request(
     *,
     detailed: bool = False,
     trace: dict[str, Any] | None = None,
+    ending: int = 0,
 ) -> Admission | AdmissionResult:
     """Admit one billed request of a user, through one of their keys.
 
@@ -83,12 +86,17 @@ def admit_request(
     :func:`_admit_user`); with them, the key's spend caps and request rate are
     checked in the same atomic statement (see :func:`_admit_key`). With
     ``detailed`` the answer says when a refused request may be retried.
+
+    ``ending`` is how many of the user's requests have ended while their
+    records are still being written: their slots are not yet given back, but
+    no longer in use, so the bound is raised by as many.
     """
+    bound = billing_settings.MAX_IN_FLIGHT + max(0, ending)
     if key_id is None or limits is None or not _has_limits(limits):
-        admission, traced = _admit_user(user_id, trace)
+        admission, traced = _admit_user(user_id, trace, bound)
         result = AdmissionResult(admission)
     else:
-        result, traced = _admit_key(user_id, key_id, limits), False
+        result, traced = _admit_key(user_id, key_id, limits, bound), False
     if trace is not None and result.admitted and not traced:
         _write_trace(trace)
     return result if detailed else result.admission
@@ -114,7 +122,9 @@ def _has_limits(limits: KeyLimitsLike) -> bool:
     )
 
 
-def _admit_user(user_id: int, trace: dict[str, Any] | None = None) -> tuple[Admission, bool]:
+def _admit_user(
+    user_id: int, trace: dict[str, Any] | None = None, bound: int | None = None
+) -> tuple[Admission, bool]:
     """Take one in-flight slot for the user if they have credit and a free slot.
 
     One conditional ``UPDATE``: row locking makes it exact across processes
@@ -141,7 +151,8 @@ def _admit_user(user_id: int, trace: dict[str, Any] | None = None) -> tuple[Admi
         f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
         f"AND ({in_flight} < %s OR {expires} < %s)"
     )
-    params = [now_value, lease_end, user_id, billing_settings.MAX_IN_FLIGHT, now_value]
+    bound = billing_settings.MAX_IN_FLIGHT if bound is None else bound
+    params = [now_value, lease_end, user_id, bound, now_value]
     traced = trace is not None and connection.vendor == "postgresql"
     if trace is not None and traced:
         trace_table, trace_column = _sql_names(OpenRequest)
@@ -166,7 +177,9 @@ def _admit_user(user_id: int, trace: dict[str, Any] | None = None) -> tuple[Admi
     return Admission.TOO_MANY_IN_FLIGHT, False
 
 
-def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> AdmissionResult:
+def _admit_key(
+    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int | None = None
+) -> AdmissionResult:
     """Admit a request of a key with limits: the user's gate and the key's, atomically.
 
     One statement on PostgreSQL (one transaction of two on SQLite, whose
@@ -188,10 +201,11 @@ def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> AdmissionRes
     rate = limits.requests_per_minute
     if rate is not None and not 1 <= rate <= MAX_REQUESTS_PER_MINUTE:
         raise ValueError(f"requests_per_minute must be 1 to {MAX_REQUESTS_PER_MINUTE}: {rate}")
+    bound = billing_settings.MAX_IN_FLIGHT if bound is None else bound
     for _ in range(_ADMISSION_TRIES):
-        if _try_admit_key(user_id, key_id, limits):
+        if _try_admit_key(user_id, key_id, limits, bound):
             return AdmissionResult(Admission.ADMITTED)
-        refusal = _key_refusal(user_id, key_id, limits)
+        refusal = _key_refusal(user_id, key_id, limits, bound)
         if refusal is not None:
             return refusal
     # Every try lost a race with the key's other requests: busy, retry shortly.
@@ -243,7 +257,7 @@ def _key_sql(key_id: int, limits: KeyLimitsLike, prefix: str, today: Any) -> tup
     return " AND ".join(parts), params
 
 
-def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> bool:
+def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> bool:
     ops = connection.ops
     now = timezone.now()
     now_value = ops.adapt_datetimefield_value(now)
@@ -266,7 +280,7 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> bool:
         now_value,
         lease_end,
         user_id,
-        billing_settings.MAX_IN_FLIGHT,
+        bound,
         now_value,
         *precheck_params,
     ]
@@ -334,7 +348,9 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike) -> bool:
     return True
 
 
-def _key_refusal(user_id: int, key_id: int, limits: KeyLimitsLike) -> AdmissionResult | None:
+def _key_refusal(
+    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int
+) -> AdmissionResult | None:
     """Why a key's request was refused, or ``None`` to try again."""
     now = timezone.now()
     account = (
@@ -378,7 +394,7 @@ def _key_refusal(user_id: int, key_id: int, limits: KeyLimitsLike) -> AdmissionR
         if wait_ms > 0:
             return AdmissionResult(Admission.RATE_LIMITED, max(1, math.ceil(wait_ms / 1000)))
     in_flight, expires = account[1], account[2]
-    if in_flight >= billing_settings.MAX_IN_FLIGHT and (expires is None or expires >= now):
+    if in_flight >= bound and (expires is None or expires >= now):
         return AdmissionResult(Admission.TOO_MANY_IN_FLIGHT, 1)
     return None
 

@@ -219,6 +219,28 @@ def test_admission_gate(account: Account, settings: Any) -> None:
     assert admit_request(uid) is Admission.ADMITTED
 
 
+@pytest.mark.parametrize("limited", [False, True], ids=["user", "key-with-limits"])
+def test_slots_of_requests_still_being_recorded_do_not_count(
+    account: Account, settings: Any, limited: bool
+) -> None:
+    """``ending`` requests hold a slot only until their records land: the bound allows them."""
+    from openrouter_proxy.callers import KeyLimits
+
+    settings.BILLING_MAX_IN_FLIGHT = 1
+    uid = account.user.pk
+    key, limits = (account.key.pk, KeyLimits(requests_per_minute=100)) if limited else (None, None)
+
+    def admit(ending: int) -> Admission:
+        return admit_request(uid, key, limits, ending=ending)
+
+    assert admit(0) is Admission.ADMITTED
+    assert admit(0) is Admission.TOO_MANY_IN_FLIGHT
+    assert admit(1) is Admission.ADMITTED
+    assert admit(1) is Admission.TOO_MANY_IN_FLIGHT
+    assert admit(2) is Admission.ADMITTED
+    assert CreditAccount.objects.get(user_id=uid).in_flight == 3
+
+
 def test_no_credit_means_no_admission(db: None) -> None:
     from tests.support.accounts import make_account
 

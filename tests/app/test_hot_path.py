@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
-from billing.services import balance_of, check_ledger
+from billing.services import balance_of, bill, check_ledger
 from openrouter_proxy.callers import ApiKeyRejected, verification_cache, verify_token
 from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
 from tests.support.servers import wait_until
@@ -168,3 +168,79 @@ def test_aiohttp_transport_reports_upstream_failures_like_httpx(
     refused = httpx.post(url, json=CHAT, headers=live_account.headers)
     assert refused.status_code == 502
     assert refused.headers["x-should-retry"] == "true"
+
+
+@pytest.fixture
+def held_records(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The meter's records wait until the test lets them through (``.set()``)."""
+    import threading
+
+    from billing.meter import BillingMeter
+
+    gate = threading.Event()
+    real = BillingMeter.record
+
+    def held(self: BillingMeter, draft: Any) -> Any:
+        assert gate.wait(timeout=20), "the test never let the record through"
+        return real(self, draft)
+
+    monkeypatch.setattr(BillingMeter, "record", held)
+    yield gate
+    gate.set()
+
+
+def test_a_response_ends_before_its_record_is_written(
+    gateway: Gateway, live_account: Account, held_records: Any
+) -> None:
+    """The client has the whole answer while the record waits; the record then lands exactly."""
+    from openrouter_proxy.exchange import records_in_progress
+
+    answer = httpx.post(
+        f"{gateway.proxy}/v1/chat/completions",
+        json=CHAT,
+        headers=live_account.headers,
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    assert records_in_progress() == 1
+    held_records.set()
+    record = UsageRecord.objects.get()  # the test's queries wait for the record
+    assert records_in_progress() == 0
+    generation = gateway.fake.app.generations[record.generation_id]
+    assert record.billed == bill(generation.charged)
+    assert balance_of(live_account.user) == Decimal(10) - record.billed
+    assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
+    assert check_ledger() == []
+
+
+def test_a_caller_at_its_bound_goes_on_while_its_last_request_is_recorded(
+    gateway: Gateway, live_account: Account, held_records: Any, settings: Any
+) -> None:
+    """An ended request's slot does not refuse the caller's next one; a running one's does."""
+    from openrouter_proxy.exchange import records_in_progress
+
+    settings.BILLING_MAX_IN_FLIGHT = 1
+    url = f"{gateway.proxy}/v1/chat/completions"
+    first = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+    assert first.status_code == 200, first.text
+    assert records_in_progress() == 1
+    second = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+    assert second.status_code == 200, second.text
+    assert records_in_progress() == 2
+    held_records.set()
+    assert UsageRecord.objects.count() == 2
+    assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
+    assert check_ledger() == []
+    # A request still streaming holds its slot: the next is refused.
+    with httpx.stream(
+        "POST",
+        url,
+        json={**CHAT, "stream": True},
+        headers={**live_account.headers, "X-Fake-Mode": "chunks=10,chunk-delay=0.1"},
+        timeout=10,
+    ) as streaming:
+        assert streaming.status_code == 200
+        refused = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+        assert refused.status_code == 429, refused.text
+        streaming.read()

@@ -9,6 +9,21 @@ from decimal import Decimal
 from billing.models import CreditLedgerEntry, LedgerKind, UsageRecord
 from billing.services import bill
 from devtools.fake_openrouter import GenerationStats
+from tests.support.waiting import wait_for
+
+
+def recorded(count: int) -> list[UsageRecord]:
+    """The usage records once there are ``count`` of them.
+
+    A server writes a request's record just after the response has ended: a
+    test talking to a server in another process waits for it here.
+    """
+
+    def enough() -> list[UsageRecord] | None:
+        records = list(UsageRecord.objects.all())
+        return records if len(records) >= count else None
+
+    return wait_for(enough, f"{count} usage record(s)")
 
 
 def assert_each_request_charged_once(generations: Mapping[str, GenerationStats]) -> Decimal:

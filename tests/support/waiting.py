@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from openrouter_proxy.exchange import records_in_progress
 
 T = TypeVar("T")
 
@@ -40,3 +42,10 @@ async def async_wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up after {timeout} s waiting for {what} (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+def after_records(execute: Callable[..., Any], *args: Any) -> Any:
+    """A database execute wrapper: first wait until every ended request is recorded."""
+    if records_in_progress():
+        wait_for(lambda: not records_in_progress(), "the records of ended requests")
+    return execute(*args)

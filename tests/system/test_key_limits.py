@@ -42,6 +42,7 @@ from terragon.apikeys.checks import check_apikey_settings
 from terragon.apikeys.models import ApiKey
 from terragon.apikeys.verifier import verify_api_key
 from tests.support.accounts import Account, make_account
+from tests.support.books import recorded
 from tests.support.processes import uvicorn_workers
 
 pytestmark = pytest.mark.django_db
@@ -219,7 +220,8 @@ def test_spend_cap_holds_across_two_workers(fake: RunningFake) -> None:
         url = chat_url(base)
         probe = httpx.post(url, json=CHAT, headers={**account.headers}, timeout=30)
         assert probe.status_code == 200
-        cost = UsageRecord.objects.get().billed
+        (first,) = recorded(1)
+        cost = first.billed
         assert cost > 0
         cap = cost * Decimal("10.5")
         capped = limited_key(account, "capped", spend_limit=cap)
