@@ -30,6 +30,19 @@ def check_billing_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
             )
         )
     try:
+        connections = billing_settings.ADMISSION_CONNECTIONS
+        if isinstance(getattr(settings, "BILLING_ADMISSION_CONNECTIONS", 8), bool):
+            raise TypeError
+        if connections < 1:
+            raise ValueError
+    except (ValueError, TypeError):
+        messages.append(
+            Error(
+                "BILLING_ADMISSION_CONNECTIONS must be a positive integer (connections).",
+                id="billing.E008",
+            )
+        )
+    try:
         billing_settings.CREDITS_LOW_THRESHOLD  # noqa: B018  (parsing is the check)
     except (InvalidOperation, ValueError, TypeError):
         messages.append(

@@ -24,6 +24,16 @@ class BillingSettings:
         return int(self._get("MAX_IN_FLIGHT", 8))
 
     @property
+    def ADMISSION_CONNECTIONS(self) -> int:
+        """Database connections per serving event loop for admissions on the loop.
+
+        On PostgreSQL the proxy's fast path admits requests without key limits
+        over psycopg's asynchronous connections (see
+        ``billing.services.admission_async``), at most this many at once.
+        """
+        return int(self._get("ADMISSION_CONNECTIONS", 8))
+
+    @property
     def IN_FLIGHT_LEASE(self) -> int:
         """Seconds after which an idle user's in-flight count is presumed stale.
 

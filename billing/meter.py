@@ -26,6 +26,7 @@ from billing.conf import billing_settings
 from billing.models import CostSource, Settlement, UsageRecord
 from billing.services import (
     RecordResult,
+    admission_async,
     admit_request,
     bill,
     generation_belongs_to,
@@ -33,7 +34,9 @@ from billing.services import (
     release_request,
     settle_pending,
 )
+from billing.services.admission import in_flight_bound, key_gated
 from billing.spool import record_usage_durably, replay_spool
+from openrouter_proxy.db import run_db
 from openrouter_proxy.metering import (
     AdmissionResult,
     GenerationCost,
@@ -65,6 +68,18 @@ class BillingMeter:
             trace=recovery.trace_values(request),
             ending=request.ending,
         )
+
+    async def admit_async(self, request: MeteredRequest) -> AdmissionResult:
+        """:meth:`admit` on the event loop: PostgreSQL, and a key without limits."""
+        if not admission_async.available() or key_gated(request.api_key_id, request.limits):
+            return await run_db(self.admit, request)
+        admission, _ = await admission_async.admit_user(
+            request.user_id, recovery.trace_values(request), in_flight_bound(request.ending)
+        )
+        return AdmissionResult(admission)
+
+    async def aclose(self) -> None:
+        await admission_async.close()
 
     def release(self, request: MeteredRequest) -> None:
         release_request(request.user_id)

@@ -15,8 +15,9 @@ the proxy's own threads). Host-site receivers of those signals do not see
 proxied requests.
 
 Its event loop outlives every response, so a metered request's record is
-written just after its response has ended rather than before the last byte
-(see ``exchange.py``): the client does not wait for the database.
+written just after its response has ended rather than before the last byte,
+and a meter's admission coroutine is awaited on the loop rather than in a
+database thread (see ``exchange.py``).
 
 This layer refuses, before a byte of the body is read, a request with no API
 key or with a declared body over the limit, stops reading a body that grows
@@ -56,8 +57,9 @@ from openrouter_proxy.callers import extract_token
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
 from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
-from openrouter_proxy.exchange import records_after_response
+from openrouter_proxy.exchange import on_serving_loop
 from openrouter_proxy.liveness import stop_heartbeat
+from openrouter_proxy.metering import get_meter
 from openrouter_proxy.settlement import drain
 from openrouter_proxy.upstream import close_clients
 
@@ -175,7 +177,7 @@ class ProxyHandler(ASGIHandler):
             body.close()
 
     async def _respond(self, request: HttpRequest, send: Send) -> None:
-        records_after_response()
+        on_serving_loop()
         response = await self.get_response_async(request)
         response._handler_class = self.__class__  # type: ignore[attr-defined]
         with suppress(asyncio.CancelledError):
@@ -283,6 +285,9 @@ async def _lifespan(receive: Receive, send: Send) -> None:
                 # After the drain: what is still unrecorded now is left to recovery.
                 await stop_heartbeat()
                 await close_clients()
+                close_meter = getattr(get_meter(), "aclose", None)
+                if close_meter is not None:
+                    await close_meter()
                 await asyncio.get_running_loop().run_in_executor(None, db.shutdown)
             except Exception:
                 logger.exception("error while shutting the proxy down")

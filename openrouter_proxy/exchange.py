@@ -47,18 +47,20 @@ logger = logging.getLogger("openrouter_proxy.requests")
 
 #: Records this worker is still writing, by caller (see ``MeteredRequest.ending``).
 _recording: dict[int, set[asyncio.Task[None]]] = {}
-_after_response: ContextVar[bool] = ContextVar("records_after_response", default=False)
+_serving_loop: ContextVar[bool] = ContextVar("serving_loop", default=False)
 
 
-def records_after_response() -> None:
-    """Let the responses of the current task end before their records are written.
+def on_serving_loop() -> None:
+    """Mark the current task as running on a loop that outlives its responses.
 
-    The fast path (``asgi.py``) calls this: its event loop outlives every
-    response, so a record started at a response's end is written beside the
-    next requests. Elsewhere (Django's own handler, the test client, WSGI,
-    whose loop may end with the response) a response ends after its record.
+    The fast path (``asgi.py``) calls this. There a response ends before its
+    record is written (the record is written beside the next requests), and
+    the meter's coroutines (``admit_async``) are awaited on the loop itself.
+    Elsewhere (Django's own handler, the test client, WSGI, whose loop may end
+    with the response) a response ends after its record, and the meter runs in
+    the proxy's database threads only.
     """
-    _after_response.set(True)
+    _serving_loop.set(True)
 
 
 def records_in_progress() -> int:
@@ -116,9 +118,12 @@ class Exchange:
     async def admit(self) -> AdmissionResult:
         """Ask the meter to admit the request; a caller leaving meanwhile gives it back."""
         request = self.metered_request()
-        admitting = asyncio.ensure_future(run_db(self.meter.admit, request))
+        admit_async = getattr(self.meter, "admit_async", None) if _serving_loop.get() else None
+        admitting: asyncio.Future[AdmissionResult] = asyncio.ensure_future(
+            admit_async(request) if admit_async else run_db(self.meter.admit, request)
+        )
         try:
-            result = await asyncio.shield(admitting)
+            result: AdmissionResult = await asyncio.shield(admitting)
         except asyncio.CancelledError:
             run_in_background(self._release_if_admitted(admitting, request))
             raise
@@ -195,12 +200,12 @@ class Exchange:
     ) -> None:
         """Record the request's end; the caller's cancellation cannot cut it short.
 
-        Under the fast path (see :func:`records_after_response`) this only
+        On a serving loop (see :func:`on_serving_loop`) this only
         starts the record: the response ends without waiting for it.
         """
         draft = self.draft(outcome, capture, error, cost_unknown=cost_unknown)
         task = _start_record(draft.user_id, self._record(draft))
-        if not _after_response.get():
+        if not _serving_loop.get():
             await asyncio.shield(task)
 
     async def _record(self, draft: UsageDraft) -> None:

@@ -28,6 +28,14 @@ keeps the order:
   stats, and ``give_up`` when they never say it;
 * ``beat`` every ``heartbeat_interval`` seconds from each serving event loop,
   and ``retire`` when the loop stops cleanly.
+
+Two coroutine methods are optional. On a serving loop (the fast path, see
+``exchange.on_serving_loop``) the proxy awaits ``admit_async(request)``
+instead of calling ``admit`` in a thread, when the meter has it: a meter whose
+database has an asynchronous driver spares the request two thread hops. At a
+clean stop the proxy awaits ``aclose()``, when the meter has it, on each
+serving loop. ``record`` stays synchronous: it runs after the response has
+ended, off the request's path.
 """
 
 from __future__ import annotations

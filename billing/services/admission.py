@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol, overload
@@ -91,8 +92,8 @@ def admit_request(
     records are still being written: their slots are not yet given back, but
     no longer in use, so the bound is raised by as many.
     """
-    bound = billing_settings.MAX_IN_FLIGHT + max(0, ending)
-    if key_id is None or limits is None or not _has_limits(limits):
+    bound = in_flight_bound(ending)
+    if key_id is None or limits is None or not key_gated(key_id, limits):
         admission, traced = _admit_user(user_id, trace, bound)
         result = AdmissionResult(admission)
     else:
@@ -112,6 +113,16 @@ def _write_trace(trace: dict[str, Any]) -> None:
             _insert_returning_pk(OpenRequest, trace)
     except DatabaseError:
         logger.warning("could not write the trace of request %s", trace.get("request_id"))
+
+
+def in_flight_bound(ending: int) -> int:
+    """The most unsettled requests a user may hold, ``ending`` of them already over."""
+    return billing_settings.MAX_IN_FLIGHT + max(0, ending)
+
+
+def key_gated(key_id: int | None, limits: KeyLimitsLike | None) -> bool:
+    """Whether a request's admission checks its key's limits too."""
+    return key_id is not None and limits is not None and _has_limits(limits)
 
 
 def _has_limits(limits: KeyLimitsLike) -> bool:
@@ -137,6 +148,37 @@ def _admit_user(
     PostgreSQL the request's write-ahead ``trace`` rides in the same statement
     (inserted only if the slot was taken); the answer says whether it did.
     """
+    statement = user_admission(user_id, trace, bound, connection.vendor == "postgresql")
+    with connection.cursor() as cursor:
+        cursor.execute(statement.sql, statement.params)
+        if cursor.rowcount:
+            return Admission.ADMITTED, statement.traced
+        cursor.execute(statement.balance_sql, [user_id])
+        return statement.refusal(cursor.fetchone()), False
+
+
+@dataclass(frozen=True, slots=True)
+class UserAdmission:
+    """The statement of :func:`_admit_user`, for whichever connection runs it."""
+
+    sql: str
+    params: list[Any]
+    #: Whether the statement also writes the request's trace.
+    traced: bool
+    #: After a refusal: the user's balance, to tell why.
+    balance_sql: str
+
+    @staticmethod
+    def refusal(balance_row: Any) -> Admission:
+        if balance_row is None or balance_row[0] <= 0:
+            return Admission.NO_CREDIT
+        return Admission.TOO_MANY_IN_FLIGHT
+
+
+def user_admission(
+    user_id: int, trace: dict[str, Any] | None, bound: int | None, with_trace: bool
+) -> UserAdmission:
+    """The one statement admitting a request of a user (and writing its trace if asked)."""
     now = timezone.now()
     ops = connection.ops
     now_value = ops.adapt_datetimefield_value(now)
@@ -153,7 +195,7 @@ def _admit_user(
     )
     bound = billing_settings.MAX_IN_FLIGHT if bound is None else bound
     params = [now_value, lease_end, user_id, bound, now_value]
-    traced = trace is not None and connection.vendor == "postgresql"
+    traced = trace is not None and with_trace
     if trace is not None and traced:
         trace_table, trace_column = _sql_names(OpenRequest)
         fields, trace_params = _prepared(OpenRequest, trace)
@@ -163,18 +205,8 @@ def _admit_user(
             f"SELECT {', '.join(['%s'] * len(fields))} FROM slot"
         )
         params += trace_params
-    with connection.cursor() as cursor:
-        cursor.execute(take_slot, params)
-        if cursor.rowcount:
-            return Admission.ADMITTED, traced
-        cursor.execute(
-            f"SELECT {column('balance')} FROM {table} WHERE {column('user')} = %s",  # noqa: S608
-            [user_id],
-        )
-        row = cursor.fetchone()
-    if row is None or row[0] <= 0:
-        return Admission.NO_CREDIT, False
-    return Admission.TOO_MANY_IN_FLIGHT, False
+    balance_sql = f"SELECT {column('balance')} FROM {table} WHERE {column('user')} = %s"  # noqa: S608
+    return UserAdmission(take_slot, params, traced, balance_sql)
 
 
 def _admit_key(

@@ -207,6 +207,7 @@ def test_a_response_ends_before_its_record_is_written(
     held_records.set()
     record = UsageRecord.objects.get()  # the test's queries wait for the record
     assert records_in_progress() == 0
+    assert record.generation_id
     generation = gateway.fake.app.generations[record.generation_id]
     assert record.billed == bill(generation.charged)
     assert balance_of(live_account.user) == Decimal(10) - record.billed
