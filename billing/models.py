@@ -57,13 +57,17 @@ class CreditLedgerQuerySet(models.QuerySet["CreditLedgerEntry"]):
 class CreditLedgerEntry(models.Model):
     """One movement of a balance. Rows are never edited: corrections are new rows."""
 
+    # Indexed by ledger_user_created, whose first column it is.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="credit_entries"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="credit_entries",
+        db_index=False,
     )
     kind = models.CharField(max_length=16, choices=LedgerKind.choices)
     amount = MoneyField()
-    # Idempotency: the same movement can never be written twice.
-    reference = models.CharField(max_length=120, unique=True)
+    # Idempotency: the same movement can never be written twice (ledger_reference_unique).
+    reference = models.CharField(max_length=120)
     note = models.CharField(max_length=255, blank=True)
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -92,6 +96,11 @@ class CreditLedgerEntry(models.Model):
             models.Index(fields=["user", "-created_at"], name="ledger_user_created"),
             # The admin's ledger list, newest first, and its date hierarchy.
             models.Index(fields=["-created_at", "-id"], name="ledger_created"),
+        ]
+        # A constraint rather than unique=True: on PostgreSQL the field would also
+        # get a pattern-matching index that no query uses, written on every charge.
+        constraints = [
+            models.UniqueConstraint(fields=["reference"], name="ledger_reference_unique")
         ]
 
     def __str__(self) -> str:
@@ -139,8 +148,12 @@ class UsageRecord(models.Model):
     """One proxied request to a billed endpoint. Small on purpose: no bodies."""
 
     request_id = models.UUIDField(unique=True, editable=False)
+    # Indexed by usage_user_activity, whose first column it is.
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="usage_records"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        related_name="usage_records",
+        db_index=False,
     )
     api_key_id = models.BigIntegerField(null=True, blank=True)
     api_key_label = models.CharField(max_length=40, blank=True)
@@ -152,7 +165,8 @@ class UsageRecord(models.Model):
     settlement = models.CharField(max_length=12, choices=Settlement.choices)
     cost_source = models.CharField(max_length=12, choices=CostSource.choices)
     http_status = models.PositiveSmallIntegerField(null=True, blank=True)
-    generation_id = models.CharField(max_length=120, null=True, blank=True, unique=True)
+    # Unique when known (usage_generation_unique): NULL, not "", when unknown.
+    generation_id = models.CharField(max_length=120, null=True, blank=True)  # noqa: DJ001
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
     cached_tokens = models.PositiveIntegerField(null=True, blank=True)
@@ -173,9 +187,9 @@ class UsageRecord(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         verbose_name = "usage record"
+        # Every index is written on every request: each one here answers a query
+        # no other index does (a b-tree is read backwards as well as forwards).
         indexes = [
-            models.Index(fields=["user", "-created_at"], name="usage_user_created"),
-            models.Index(fields=["-created_at"], name="usage_created"),
             models.Index(fields=["model", "-created_at"], name="usage_model_created"),
             models.Index(
                 fields=["settlement", "created_at"],
@@ -195,6 +209,10 @@ class UsageRecord(models.Model):
                 include=["user", "model", "billed", "outcome", "settlement"],
                 name="usage_created_rollup",
             ),
+        ]
+        # Constraints rather than unique=True: no pattern-matching index beside them.
+        constraints = [
+            models.UniqueConstraint(fields=["generation_id"], name="usage_generation_unique")
         ]
 
     def __str__(self) -> str:

@@ -24,7 +24,7 @@ from openrouter_proxy.exchange import Exchange
 from openrouter_proxy.metering import Outcome
 from openrouter_proxy.routing import client_response_headers, upstream_request_headers
 from openrouter_proxy.scope import request_headers
-from openrouter_proxy.upstream import get_client
+from openrouter_proxy.upstream import get_client, send
 
 SSE_CONTENT_TYPE = "text/event-stream"
 
@@ -135,7 +135,7 @@ async def forward(
         content=body or None,
     )
     try:
-        upstream = await client.send(upstream_request, stream=True)
+        upstream = await send(upstream_request)
     except asyncio.CancelledError:
         if exchange is not None:
             await exchange.finish(Outcome.CLIENT_DISCONNECTED, None, "client left before headers")

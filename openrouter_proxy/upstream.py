@@ -19,9 +19,9 @@ import httpx
 
 from openrouter_proxy.conf import proxy_settings
 
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]
+] = weakref.WeakKeyDictionary()
 
 
 class _NoCookies(CookieJar):
@@ -29,7 +29,7 @@ class _NoCookies(CookieJar):
         super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
-def _new_client() -> httpx.AsyncClient:
+def _new_client() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
     timeout = httpx.Timeout(
         connect=proxy_settings.CONNECT_TIMEOUT,
         read=proxy_settings.READ_TIMEOUT,
@@ -41,12 +41,14 @@ def _new_client() -> httpx.AsyncClient:
         max_keepalive_connections=min(100, proxy_settings.MAX_CONNECTIONS),
         keepalive_expiry=30,
     )
-    transport: httpx.AsyncBaseTransport | None = None
+    transport: httpx.AsyncBaseTransport
     if proxy_settings.TRANSPORT == "aiohttp":
         from openrouter_proxy.transport import AiohttpTransport
 
         transport = AiohttpTransport(limits)
-    return httpx.AsyncClient(
+    else:
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    client = httpx.AsyncClient(
         timeout=timeout,
         limits=limits,
         cookies=_NoCookies(),
@@ -54,18 +56,37 @@ def _new_client() -> httpx.AsyncClient:
         follow_redirects=False,
         transport=transport,
     )
+    return client, transport
+
+
+def _upstream() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
+    loop = asyncio.get_running_loop()
+    found = _clients.get(loop)
+    if found is None or found[0].is_closed:
+        found = _clients[loop] = _new_client()
+    return found
 
 
 def get_client() -> httpx.AsyncClient:
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None or client.is_closed:
-        client = _clients[loop] = _new_client()
-    return client
+    return _upstream()[0]
+
+
+async def send(request: httpx.Request) -> httpx.Response:
+    """Send a request the loop's client built, straight through its transport.
+
+    The proxy's own forwarding needs none of what ``AsyncClient.send`` adds
+    around the transport: no authentication flow, no redirects (never
+    followed), no cookies (never kept), no event hooks. Timeouts still apply:
+    ``build_request`` put them on the request. The body is decoded as
+    ``AsyncClient.send`` would have it decoded (by the response itself).
+    """
+    response = await _upstream()[1].handle_async_request(request)
+    response.request = request
+    return response
 
 
 async def close_clients() -> None:
     """Close the client of the running loop (call at shutdown)."""
-    client = _clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.aclose()
+    found = _clients.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found[0].aclose()

@@ -182,10 +182,7 @@ def test_unexpected_error_from_send_is_a_json_500_and_recorded(
 def test_database_error_during_admission_is_503_db_down(
     gateway: Gateway, live_account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def database_gone(*args: Any, **kwargs: Any) -> Any:
-        raise OperationalError("could not connect to server")
-
-    monkeypatch.setattr("billing.meter.admit_request", database_gone)
+    admission_raises(monkeypatch, OperationalError("could not connect to server"))
     response = httpx.post(chat_url(gateway), json=CHAT, headers=live_account.headers)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "db_down"
@@ -198,8 +195,9 @@ def test_client_leaving_during_admission_gives_the_slot_back(
     gateway: Gateway, live_account: Account, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from billing import services
+    from billing.services import admission_async
 
-    real = services.admit_request
+    real, real_on_loop = services.admit_request, admission_async.admit_user
     taken = threading.Event()
     answer = threading.Event()
 
@@ -209,7 +207,14 @@ def test_client_leaving_during_admission_gives_the_slot_back(
         answer.wait(timeout=30)  # the slot is taken; the view has not heard yet
         return result
 
+    async def held_on_loop(*args: Any, **kwargs: Any) -> Any:
+        result = await real_on_loop(*args, **kwargs)
+        taken.set()
+        await asyncio.to_thread(answer.wait, 30)
+        return result
+
     monkeypatch.setattr("billing.meter.admit_request", held_admission)
+    monkeypatch.setattr(admission_async, "admit_user", held_on_loop)
     try:
         with socket.create_connection(("127.0.0.1", port_of(gateway.url))) as sock:
             body = json.dumps(CHAT).encode()
@@ -299,10 +304,7 @@ def test_exceptions_escaping_the_view_map_to_json_statuses(
     status: int,
     code: str,
 ) -> None:
-    def raising(*args: Any, **kwargs: Any) -> Any:
-        raise error
-
-    monkeypatch.setattr("billing.meter.admit_request", raising)
+    admission_raises(monkeypatch, error)
     response = httpx.post(
         chat_url(gateway),
         json=CHAT,
@@ -512,3 +514,17 @@ def test_recording_retries_then_succeeds_without_spooling(
     assert failures == 0
     assert spooled_paths() == []
     assert UsageRecord.objects.get().billed == Decimal("0.02")
+
+
+def admission_raises(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The meter's admission raises ``error``, in its thread and on the loop (PostgreSQL)."""
+    from billing.services import admission_async
+
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    async def raising_on_loop(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr("billing.meter.admit_request", raising)
+    monkeypatch.setattr(admission_async, "admit_user", raising_on_loop)

@@ -245,3 +245,35 @@ def test_a_caller_at_its_bound_goes_on_while_its_last_request_is_recorded(
         refused = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
         assert refused.status_code == 429, refused.text
         streaming.read()
+
+
+@pytest.mark.parametrize("below", [8, 0], ids=["idle-worker-on-the-loop", "busy-worker-in-threads"])
+def test_admission_runs_on_the_loop_only_while_the_worker_is_not_busy(
+    gateway: Gateway, live_account: Account, monkeypatch: pytest.MonkeyPatch, below: int
+) -> None:
+    from billing.meter import BillingMeter
+    from openrouter_proxy import exchange
+
+    monkeypatch.setattr(exchange, "LOOP_ADMISSION_BELOW", below)
+    calls: list[str] = []
+    real_admit, real_async = BillingMeter.admit, BillingMeter.admit_async
+
+    def admit(self: BillingMeter, request: Any) -> Any:
+        calls.append("thread")
+        return real_admit(self, request)
+
+    async def admit_async(self: BillingMeter, request: Any) -> Any:
+        calls.append("loop")
+        return await real_async(self, request)
+
+    monkeypatch.setattr(BillingMeter, "admit", admit)
+    monkeypatch.setattr(BillingMeter, "admit_async", admit_async)
+    answer = httpx.post(
+        f"{gateway.proxy}/v1/chat/completions", json=CHAT, headers=live_account.headers, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    # On SQLite the loop's admission hands the work to a thread itself.
+    assert calls[0] == ("loop" if below else "thread")
+    assert calls.count("loop") == (1 if below else 0)
+    assert UsageRecord.objects.count() == 1
+    assert exchange._running == 0
