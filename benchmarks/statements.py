@@ -2,7 +2,9 @@
 
 Runs the site in this process (uvicorn in a thread) against a fake OpenRouter
 that notes when each request reaches it, and records every SQL statement with
-its start time through a Django execute wrapper. Prints one line.
+its start time: through a Django execute wrapper for the ORM's connections, and
+around psycopg's asynchronous cursor for the statements the event loop runs
+itself (the admission, on PostgreSQL). Prints one line.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any
     return execute(sql, params, many, context)
 
 
+def watch_the_loops_cursor() -> None:
+    """Note each statement the event loop sends through psycopg's asynchronous cursor."""
+    import psycopg
+
+    real = psycopg.AsyncClientCursor.execute
+
+    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            statements.append((time.perf_counter(), str(query)))
+        return await real(self, query, *args, **kwargs)
+
+    psycopg.AsyncClientCursor.execute = execute  # type: ignore[method-assign]
+
+
 def install(sender: Any, connection: Any, **kwargs: Any) -> None:
     if record not in connection.execute_wrappers:
         connection.execute_wrappers.append(record)
@@ -62,6 +78,7 @@ def describe(sqls: list[str]) -> str:
 
 def main() -> None:
     connection_created.connect(install)
+    watch_the_loops_cursor()
     user = get_user_model().objects.get(username="bench0")
     _, token = ApiKey.objects.issue(user, name="statements")
     fake = Arrivals()

@@ -58,6 +58,7 @@ from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
 from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
 from openrouter_proxy.exchange import on_serving_loop
+from openrouter_proxy.forward import RelayedResponse
 from openrouter_proxy.liveness import stop_heartbeat
 from openrouter_proxy.metering import get_meter
 from openrouter_proxy.settlement import drain
@@ -181,7 +182,25 @@ class ProxyHandler(ASGIHandler):
         response = await self.get_response_async(request)
         response._handler_class = self.__class__  # type: ignore[attr-defined]
         with suppress(asyncio.CancelledError):
-            await self.send_response(response, send)
+            if isinstance(response, RelayedResponse):
+                await _send_relayed(response, send)
+            else:
+                await self.send_response(response, send)
+
+
+async def _send_relayed(response: RelayedResponse, send: Send) -> None:
+    """Send a relayed answer: its headers, then each upstream chunk as it comes."""
+    headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    chunks = response.chunks
+    try:
+        async for chunk in chunks:
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        # Ends the relay now, whatever stopped the loop (its record included).
+        await chunks.aclose()  # type: ignore[attr-defined]
+    await send({"type": "http.response.body"})
 
 
 def _error_status(error: Exception) -> tuple[int, str, str]:

@@ -79,14 +79,20 @@ async def relay(
     outcome = Outcome.COMPLETED if upstream.status_code < 400 else Outcome.UPSTREAM_ERROR
     error = ""
     broken: BaseException | None = None
+    # An encoded body is decoded for the client (httpx's decoders); any other
+    # is relayed as the transport hands it over, without httpx's layers per chunk.
+    encoded = upstream.headers.get("content-encoding", "identity").lower() != "identity"
+    chunks = upstream.aiter_bytes() if encoded else upstream.stream
     try:
-        async for chunk in upstream.aiter_bytes():
+        async for chunk in chunks:  # type: ignore[union-attr]
             if exchange is not None and exchange.first_byte is None:
                 exchange.first_byte = time.monotonic()
             yield chunk
             if capture is not None:
                 capture.feed(chunk)
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):
+        # Cancelled while reading upstream, or closed while the client was
+        # being written to: either way nobody reads the rest.
         outcome = Outcome.CLIENT_DISCONNECTED
         raise
     except (httpx.HTTPError, httpx.StreamError) as failure:
@@ -107,6 +113,19 @@ async def relay(
         else:
             # A JSON body cut short must not look complete: abort the response.
             raise broken
+
+
+class RelayedResponse(StreamingHttpResponse):
+    """A relayed upstream answer; its chunks stay reachable for the fast path.
+
+    Django's handler sends it as any streaming response. The fast path
+    (``asgi.py``) sends :attr:`chunks` itself: one ASGI message per upstream
+    chunk, without Django's per-chunk wrappers.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], status: int) -> None:
+        super().__init__(chunks, status=status)
+        self.chunks = chunks
 
 
 def _attribution() -> dict[str, str]:
@@ -162,9 +181,7 @@ async def forward(
     content_type = upstream.headers.get("content-type", "")
     is_sse = content_type.lower().startswith(SSE_CONTENT_TYPE)
     capture = capture_for(content_type, generation_id, entry.reader) if exchange else None
-    streaming = StreamingHttpResponse(
-        relay(upstream, exchange, capture, is_sse), status=upstream.status_code
-    )
+    streaming = RelayedResponse(relay(upstream, exchange, capture, is_sse), upstream.status_code)
     for name, value in client_response_headers(
         (name.decode("latin-1").lower(), value.decode("latin-1"))
         for name, value in upstream.headers.raw
