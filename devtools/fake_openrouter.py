@@ -2411,6 +2411,10 @@ FAKE_SERVER_OPTIONS: dict[str, Any] = {
     "lifespan": "off",
     "proxy_headers": False,
     "timeout_graceful_shutdown": 1,
+    # OpenRouter's edge keeps an idle connection far longer than uvicorn's 5 s.
+    # With 5 s, a busy fake could close a kept connection just as the next
+    # request arrived on it: 502s that real traffic does not see.
+    "timeout_keep_alive": 90,
 }
 
 
