@@ -34,7 +34,7 @@ from billing.services import (
     release_request,
     settle_pending,
 )
-from billing.services.admission import in_flight_bound, key_gated
+from billing.services.admission import in_flight_bound, key_gate
 from billing.spool import record_usage_durably, replay_spool
 from openrouter_proxy.db import run_db
 from openrouter_proxy.metering import (
@@ -71,7 +71,8 @@ class BillingMeter:
 
     async def admit_async(self, request: MeteredRequest) -> AdmissionResult:
         """:meth:`admit` on the event loop: PostgreSQL, and a key without limits."""
-        if not admission_async.available() or key_gated(request.api_key_id, request.limits):
+        gate = key_gate(request.api_key_id, request.limits)
+        if not admission_async.available() or gate is not None:
             return await run_db(self.admit, request)
         admission, _ = await admission_async.admit_user(
             request.user_id, recovery.trace_values(request), in_flight_bound(request.ending)

@@ -199,7 +199,7 @@ async def _send_relayed(response: RelayedResponse, send: Send) -> None:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         # Ends the relay now, whatever stopped the loop (its record included).
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()
     await send({"type": "http.response.body"})
 
 

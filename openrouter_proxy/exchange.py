@@ -137,12 +137,10 @@ class Exchange:
         self._count(+1)
         try:
             result: AdmissionResult = await asyncio.shield(admitting)
-        except asyncio.CancelledError:
+        except BaseException as error:
             self._count(-1)
-            run_in_background(self._release_if_admitted(admitting, request))
-            raise
-        except BaseException:
-            self._count(-1)
+            if isinstance(error, asyncio.CancelledError):
+                run_in_background(self._release_if_admitted(admitting, request))
             raise
         if not result.admitted:
             self._count(-1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
@@ -74,7 +75,7 @@ async def relay(
     exchange: Exchange | None,
     capture: UsageCapture | None,
     is_sse: bool,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Forward the upstream body chunk by chunk; hand the request's end to its exchange."""
     outcome = Outcome.COMPLETED if upstream.status_code < 400 else Outcome.UPSTREAM_ERROR
     error = ""
@@ -82,9 +83,9 @@ async def relay(
     # An encoded body is decoded for the client (httpx's decoders); any other
     # is relayed as the transport hands it over, without httpx's layers per chunk.
     encoded = upstream.headers.get("content-encoding", "identity").lower() != "identity"
-    chunks = upstream.aiter_bytes() if encoded else upstream.stream
+    chunks = upstream.aiter_bytes() if encoded else cast(AsyncIterator[bytes], upstream.stream)
     try:
-        async for chunk in chunks:  # type: ignore[union-attr]
+        async for chunk in chunks:
             if exchange is not None and exchange.first_byte is None:
                 exchange.first_byte = time.monotonic()
             yield chunk
@@ -123,7 +124,7 @@ class RelayedResponse(StreamingHttpResponse):
     chunk, without Django's per-chunk wrappers.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], status: int) -> None:
+    def __init__(self, chunks: AsyncGenerator[bytes, None], status: int) -> None:
         super().__init__(chunks, status=status)
         self.chunks = chunks
 

@@ -95,16 +95,15 @@ def check_payload(payload: object, patterns: tuple[str, ...]) -> BodyFacts | Pol
         if not model_allowed(named, patterns):
             return _not_allowed(named)
     preset = payload.get("preset")
-    if preset in (None, ""):
-        return BodyFacts(model=model, stream=payload.get("stream") is True)
-    if not isinstance(preset, str):
-        # Not echoed: the two parsers spell a number inside it differently.
-        return PolicyRefusal("preset_not_allowed", "`preset` must be the name of a preset.")
-    if not model_allowed(f"@preset/{preset}", patterns):
-        return PolicyRefusal(
-            "preset_not_allowed",
-            f"The preset `{preset[:200]}` is not available through this gateway.",
-        )
+    if preset not in (None, ""):
+        if not isinstance(preset, str):
+            # Not echoed: the two parsers spell a number inside it differently.
+            return PolicyRefusal("preset_not_allowed", "`preset` must be the name of a preset.")
+        if not model_allowed(f"@preset/{preset}", patterns):
+            return PolicyRefusal(
+                "preset_not_allowed",
+                f"The preset `{preset[:200]}` is not available through this gateway.",
+            )
     return BodyFacts(model=model, stream=payload.get("stream") is True)
 
 

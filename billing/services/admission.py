@@ -93,11 +93,12 @@ def admit_request(
     no longer in use, so the bound is raised by as many.
     """
     bound = in_flight_bound(ending)
-    if key_id is None or limits is None or not key_gated(key_id, limits):
+    gate = key_gate(key_id, limits)
+    if gate is None:
         admission, traced = _admit_user(user_id, trace, bound)
         result = AdmissionResult(admission)
     else:
-        result, traced = _admit_key(user_id, key_id, limits, bound), False
+        result, traced = _admit_key(user_id, *gate, bound), False
     if trace is not None and result.admitted and not traced:
         _write_trace(trace)
     return result if detailed else result.admission
@@ -120,9 +121,11 @@ def in_flight_bound(ending: int) -> int:
     return billing_settings.MAX_IN_FLIGHT + max(0, ending)
 
 
-def key_gated(key_id: int | None, limits: KeyLimitsLike | None) -> bool:
-    """Whether a request's admission checks its key's limits too."""
-    return key_id is not None and limits is not None and _has_limits(limits)
+def key_gate(key_id: int | None, limits: KeyLimitsLike | None) -> tuple[int, KeyLimitsLike] | None:
+    """The key and limits a request's admission checks too, or None if only the user's."""
+    if key_id is None or limits is None or not _has_limits(limits):
+        return None
+    return key_id, limits
 
 
 def _has_limits(limits: KeyLimitsLike) -> bool:
@@ -133,9 +136,7 @@ def _has_limits(limits: KeyLimitsLike) -> bool:
     )
 
 
-def _admit_user(
-    user_id: int, trace: dict[str, Any] | None = None, bound: int | None = None
-) -> tuple[Admission, bool]:
+def _admit_user(user_id: int, trace: dict[str, Any] | None, bound: int) -> tuple[Admission, bool]:
     """Take one in-flight slot for the user if they have credit and a free slot.
 
     One conditional ``UPDATE``: row locking makes it exact across processes
@@ -176,7 +177,7 @@ class UserAdmission:
 
 
 def user_admission(
-    user_id: int, trace: dict[str, Any] | None, bound: int | None, with_trace: bool
+    user_id: int, trace: dict[str, Any] | None, bound: int, with_trace: bool
 ) -> UserAdmission:
     """The one statement admitting a request of a user (and writing its trace if asked)."""
     now = timezone.now()
@@ -193,7 +194,6 @@ def user_admission(
         f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
         f"AND ({in_flight} < %s OR {expires} < %s)"
     )
-    bound = billing_settings.MAX_IN_FLIGHT if bound is None else bound
     params = [now_value, lease_end, user_id, bound, now_value]
     traced = trace is not None and with_trace
     if trace is not None and traced:
@@ -209,9 +209,7 @@ def user_admission(
     return UserAdmission(take_slot, params, traced, balance_sql)
 
 
-def _admit_key(
-    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int | None = None
-) -> AdmissionResult:
+def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> AdmissionResult:
     """Admit a request of a key with limits: the user's gate and the key's, atomically.
 
     One statement on PostgreSQL (one transaction of two on SQLite, whose
@@ -233,7 +231,6 @@ def _admit_key(
     rate = limits.requests_per_minute
     if rate is not None and not 1 <= rate <= MAX_REQUESTS_PER_MINUTE:
         raise ValueError(f"requests_per_minute must be 1 to {MAX_REQUESTS_PER_MINUTE}: {rate}")
-    bound = billing_settings.MAX_IN_FLIGHT if bound is None else bound
     for _ in range(_ADMISSION_TRIES):
         if _try_admit_key(user_id, key_id, limits, bound):
             return AdmissionResult(Admission.ADMITTED)

@@ -115,7 +115,7 @@ def _connections() -> _Connections:
 
 
 async def admit_user(
-    user_id: int, trace: dict[str, Any] | None, bound: int | None
+    user_id: int, trace: dict[str, Any] | None, bound: int
 ) -> tuple[Admission, bool]:
     """:func:`billing.services.admission._admit_user`, awaited on the event loop."""
     statement = user_admission(user_id, trace, bound, with_trace=True)

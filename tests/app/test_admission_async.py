@@ -15,6 +15,7 @@ from billing import recovery
 from billing.meter import BillingMeter
 from billing.models import CreditAccount, LedgerKind, OpenRequest
 from billing.services import admission_async, grant_credits
+from billing.services.admission import in_flight_bound
 from openrouter_proxy.callers import KeyLimits
 from openrouter_proxy.metering import Admission, MeteredRequest
 from tests.support.accounts import Account, make_account
@@ -149,7 +150,7 @@ def test_an_unreachable_database_fails_at_once(monkeypatch: pytest.MonkeyPatch) 
     async def steps() -> float:
         started = asyncio.get_running_loop().time()
         with pytest.raises(DatabaseError, match="cannot reach the database"):
-            await admission_async.admit_user(request.user_id, trace, None)
+            await admission_async.admit_user(request.user_id, trace, in_flight_bound(0))
         return asyncio.get_running_loop().time() - started
 
     assert on_one_loop(steps) < 5
