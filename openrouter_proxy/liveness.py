@@ -40,7 +40,7 @@ def ensure_heartbeat(meter: Meter) -> None:
 async def _heartbeat(meter: Meter) -> None:
     while True:
         try:
-            for pending in await run_db(meter.beat):
+            for pending in await _beat(meter):
                 if pending.generation_id:
                     run_in_background(
                         settle_from_generation(meter, pending.request_id, pending.generation_id)
@@ -54,6 +54,21 @@ async def _heartbeat(meter: Meter) -> None:
         except Exception:
             logger.exception("worker heartbeat failed; retrying")
         await asyncio.sleep(meter.heartbeat_interval or 1.0)
+
+
+async def _beat(meter: Meter) -> list[Any]:
+    """One beat; cancelled, it still waits for its database thread to finish.
+
+    A beat cut short in the loop would go on in its thread, and could write
+    the worker's row again after :func:`stop_heartbeat` has retired it.
+    """
+    beating = asyncio.ensure_future(run_db(meter.beat))
+    try:
+        return await asyncio.shield(beating)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await beating
+        raise
 
 
 async def stop_heartbeat() -> None:
