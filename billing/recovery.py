@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,15 +42,25 @@ from openrouter_proxy.metering import MeteredRequest, PendingGeneration, Reporte
 logger = logging.getLogger(__name__)
 
 _worker: tuple[int, uuid.UUID] | None = None
+_worker_lock = threading.Lock()
 
 
 def worker_id() -> uuid.UUID:
-    """This process's identity in the heartbeat table (new in every process, forked ones too)."""
+    """This process's identity in the heartbeat table (new in every process, forked ones too).
+
+    The first calls come from several database threads at once: under the lock
+    exactly one of them mints the identity, so the heartbeat, the traces and the
+    retire all name the same worker.
+    """
     global _worker
     pid = os.getpid()
-    if _worker is None or _worker[0] != pid:
-        _worker = (pid, uuid.uuid4())
-    return _worker[1]
+    known = _worker
+    if known is not None and known[0] == pid:
+        return known[1]
+    with _worker_lock:
+        if _worker is None or _worker[0] != pid:
+            _worker = (pid, uuid.uuid4())
+        return _worker[1]
 
 
 def trace_values(request: MeteredRequest) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
@@ -27,6 +29,7 @@ from django.core.management import call_command
 from django.db import connection
 from django.utils import timezone
 
+from billing import recovery
 from billing.meter import BillingMeter
 from billing.models import (
     CreditAccount,
@@ -224,6 +227,32 @@ def test_reconcile_usage_recovers_and_settles(
     assert check_ledger() == []
 
 
+def test_a_worker_has_one_identity_however_many_threads_ask_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first admissions and the first beat ask from several database threads at once;
+    # a slow mint widens the window in which each could mint its own identity, so the
+    # heartbeat would name one worker and the retire another (its row left behind).
+    minted = uuid.uuid4
+
+    def slow_mint() -> uuid.UUID:
+        time.sleep(0.02)
+        return minted()
+
+    monkeypatch.setattr(recovery, "_worker", None)
+    monkeypatch.setattr(recovery.uuid, "uuid4", slow_mint)
+    start = threading.Barrier(8)
+
+    def ask() -> uuid.UUID:
+        start.wait(timeout=5)
+        return worker_id()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        identities = set(pool.map(lambda _: ask(), range(8)))
+    assert len(identities) == 1
+    assert worker_id() in identities
+
+
 # --- Real workers: SIGKILL and SIGTERM ----------------------------------------------------
 
 
@@ -387,6 +416,8 @@ def test_sigterm_lets_streams_finish_and_records_them(fake: RunningFake, tmp_pat
     assert all(r.settlement == Settlement.SETTLED for r in records)
     assert all(r.outcome == Outcome.COMPLETED for r in records)
     assert not OpenRequest.objects.exists()
-    assert not WorkerHeartbeat.objects.exists()  # both workers retired cleanly
+    # Both workers retired cleanly.
+    left = list(WorkerHeartbeat.objects.values("pid", "seen_at"))
+    assert left == [], f"workers {server.workers} left heartbeats; their log:\n{server.log()}"
     assert_each_request_charged_once(fake.app.generations)
     assert check_ledger() == []
