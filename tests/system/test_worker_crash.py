@@ -240,7 +240,7 @@ def test_a_worker_has_one_identity_however_many_threads_ask_first(
         return minted()
 
     monkeypatch.setattr(recovery, "_worker", None)
-    monkeypatch.setattr(recovery.uuid, "uuid4", slow_mint)
+    monkeypatch.setattr(uuid, "uuid4", slow_mint)
     start = threading.Barrier(8)
 
     def ask() -> uuid.UUID:
