@@ -22,6 +22,7 @@ is simply dropped. Everything is idempotent and safe on several hosts at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,12 +32,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from billing.conf import billing_settings
 from billing.models import OpenRequest, Outcome, Settlement, UsageRecord, WorkerHeartbeat
 from billing.services import Recorded, record_usage
+from billing.services._sql import _prepared, _sql_names
 from openrouter_proxy.metering import MeteredRequest, PendingGeneration, ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
@@ -80,9 +82,25 @@ def trace_values(request: MeteredRequest) -> dict[str, Any]:
 
 
 def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:
-    """The upstream answered: from now on the generation stats can price the request."""
-    OpenRequest.objects.filter(request_id=request_id).update(
-        generation_id=generation_id[:120], answered_at=timezone.now()
+    """The upstream answered: from now on the generation stats can price the request.
+
+    Once per streamed request, so a plain statement rather than an ORM update.
+    """
+    values = {
+        "generation_id": generation_id[:120],
+        "answered_at": timezone.now(),
+        "request_id": request_id,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(_answered_sql(connection.vendor), _prepared(OpenRequest, values)[1])
+
+
+@functools.cache
+def _answered_sql(vendor: str) -> str:
+    table, column = _sql_names(OpenRequest)
+    return (
+        f"UPDATE {table} SET {column('generation_id')} = %s, "  # noqa: S608 (names from models)
+        f"{column('answered_at')} = %s WHERE {column('request_id')} = %s"
     )
 
 

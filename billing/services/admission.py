@@ -6,6 +6,7 @@ user's account row and, for a key with limits, advances the key's meter row.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -186,6 +187,19 @@ def user_admission(
     lease_end = ops.adapt_datetimefield_value(
         now + timedelta(seconds=billing_settings.IN_FLIGHT_LEASE)
     )
+    params = [now_value, lease_end, user_id, bound, now_value]
+    traced = trace is not None and with_trace
+    if trace is not None and traced:
+        take_slot, balance_sql = _admission_sql(connection.vendor, tuple(trace))
+        params += _prepared(OpenRequest, trace)[1]
+    else:
+        take_slot, balance_sql = _admission_sql(connection.vendor, None)
+    return UserAdmission(take_slot, params, traced, balance_sql)
+
+
+@functools.cache
+def _admission_sql(vendor: str, trace_fields: tuple[str, ...] | None) -> tuple[str, str]:
+    """The text of :func:`user_admission`'s statements: the same on every request."""
     table, column = _sql_names(CreditAccount)
     in_flight, expires = column("in_flight"), column("in_flight_expires_at")
     take_slot = (
@@ -194,19 +208,15 @@ def user_admission(
         f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
         f"AND ({in_flight} < %s OR {expires} < %s)"
     )
-    params = [now_value, lease_end, user_id, bound, now_value]
-    traced = trace is not None and with_trace
-    if trace is not None and traced:
+    if trace_fields is not None:
         trace_table, trace_column = _sql_names(OpenRequest)
-        fields, trace_params = _prepared(OpenRequest, trace)
         take_slot = (
             f"WITH slot AS ({take_slot} RETURNING 1) "  # noqa: S608 (names from models)
-            f"INSERT INTO {trace_table} ({', '.join(trace_column(f.name) for f in fields)}) "
-            f"SELECT {', '.join(['%s'] * len(fields))} FROM slot"
+            f"INSERT INTO {trace_table} ({', '.join(map(trace_column, trace_fields))}) "
+            f"SELECT {', '.join(['%s'] * len(trace_fields))} FROM slot"
         )
-        params += trace_params
     balance_sql = f"SELECT {column('balance')} FROM {table} WHERE {column('user')} = %s"  # noqa: S608
-    return UserAdmission(take_slot, params, traced, balance_sql)
+    return take_slot, balance_sql
 
 
 def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> AdmissionResult:

@@ -328,6 +328,35 @@ def _notify_if_key_limit(
         )
 
 
+@functools.cache
+def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...]) -> str:
+    """The text of :func:`_record_and_charge_in_one_statement`: the same on every request."""
+    record_table, record_column = _sql_names(UsageRecord)
+    ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
+    _, account_column = _sql_names(CreditAccount)
+    trace_table, trace_column = _sql_names(OpenRequest)
+    meter_upsert = _meter_upsert_sql(
+        "SELECT %s, %s, %s, %s, %s, %s, '', 0, %s FROM account WHERE %s"
+    )
+    return (
+        f"WITH record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
+        f"({', '.join(map(record_column, record_fields))}) "
+        f"VALUES ({', '.join(['%s'] * len(record_fields))}) "
+        f"RETURNING {record_column('id')}), "
+        f"entry AS (INSERT INTO {ledger_table} ({ledger_column('user')}, {ledger_column('kind')}, "
+        f"{ledger_column('amount')}, {ledger_column('reference')}, {ledger_column('note')}, "
+        f"{ledger_column('usage_record')}, {ledger_column('created_at')}) "
+        f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
+        f"account AS ({_account_upsert_sql()}), "
+        # After the account (it selects from it): rows are locked account first.
+        f"meter AS ({meter_upsert}), "
+        # The request's write-ahead trace has done its job (see billing.recovery).
+        f"closed AS (DELETE FROM {trace_table} WHERE {trace_column('request_id')} = %s) "
+        f"SELECT (SELECT {account_column('balance')} FROM account), meter.* "
+        "FROM (SELECT 1) AS one LEFT JOIN meter ON true"
+    )
+
+
 def _record_and_charge_in_one_statement(
     values: dict[str, Any],
     user_id: int,
@@ -345,31 +374,8 @@ def _record_and_charge_in_one_statement(
     account row is upserted, so a user without an account gets one whose
     balance is exactly its (negative) ledger; so is the key's meter.
     """
-    record_table, record_column = _sql_names(UsageRecord)
-    ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
-    _, account_column = _sql_names(CreditAccount)
-    trace_table, trace_column = _sql_names(OpenRequest)
-    record_fields, record_params = _prepared(UsageRecord, values)
-    meter_upsert = _meter_upsert_sql(
-        "SELECT %s, %s, %s, %s, %s, %s, '', 0, %s FROM account WHERE %s"
-    )
-    sql = (
-        f"WITH record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
-        f"({', '.join(record_column(f.name) for f in record_fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(record_fields))}) "
-        f"RETURNING {record_column('id')}), "
-        f"entry AS (INSERT INTO {ledger_table} ({ledger_column('user')}, {ledger_column('kind')}, "
-        f"{ledger_column('amount')}, {ledger_column('reference')}, {ledger_column('note')}, "
-        f"{ledger_column('usage_record')}, {ledger_column('created_at')}) "
-        f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
-        f"account AS ({_account_upsert_sql()}), "
-        # After the account (it selects from it): rows are locked account first.
-        f"meter AS ({meter_upsert}), "
-        # The request's write-ahead trace has done its job (see billing.recovery).
-        f"closed AS (DELETE FROM {trace_table} WHERE {trace_column('request_id')} = %s) "
-        f"SELECT (SELECT {account_column('balance')} FROM account), meter.* "
-        "FROM (SELECT 1) AS one LEFT JOIN meter ON true"
-    )
+    sql = _record_and_charge_sql(connection.vendor, tuple(values))
+    record_params = _prepared(UsageRecord, values)[1]
     at_value = connection.ops.adapt_datetimefield_value(at)
     params = [
         *record_params,
