@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any
+from typing import IO, Any, cast
 
-from django.conf import settings
 from django.core.exceptions import (
     BadRequest,
     ImproperlyConfigured,
@@ -91,6 +89,39 @@ DJANGO_INTERNALS = (
 )
 
 
+class RequestBody:
+    """A proxied request's body, which lets go of its bytes once read to the end.
+
+    Django's handler spools a body into a file that lives as long as the
+    request, and the view then reads a second copy. A proxied request lives as
+    long as its stream, and coding agents send prompts of hundreds of KB: this
+    file holds the one copy the view reads, and drops it once read, so that a
+    stream holds no copy of its prompt (the proxy forwards the bytes it read).
+    """
+
+    __slots__ = ("_data", "_position")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._position = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data, start = self._data, self._position
+        if size is None or size < 0 or start + size >= len(data):
+            self._data, self._position = b"", 0
+            return data[start:] if start else data
+        self._position = start + size
+        return data[start : start + size]
+
+    def readline(self, size: int | None = -1) -> bytes:
+        end = self._data.find(b"\n", self._position)
+        length = (end + 1 if end >= 0 else len(self._data)) - self._position
+        return self.read(length if size is None or size < 0 else min(size, length))
+
+    def close(self) -> None:
+        self._data, self._position = b"", 0
+
+
 class ProxyHandler(ASGIHandler):
     """Django's ASGI handler with no middleware, no request signals, a body limit."""
 
@@ -123,31 +154,28 @@ class ProxyHandler(ASGIHandler):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.handle(scope, receive, send)
 
-    async def read_body(self, receive: Receive) -> Any:
+    async def receive_body(self, receive: Receive) -> RequestBody:
+        """The request's body, whole, as a :class:`RequestBody` (not Django's spooled file)."""
         limit = proxy_settings.MAX_BODY_BYTES
-        body = tempfile.SpooledTemporaryFile(  # noqa: SIM115  (closed by handle)
-            max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE, mode="w+b"
-        )
+        chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                body.close()
                 raise RequestAborted
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                body.close()
                 raise BodyTooLarge
-            body.write(chunk)
+            if chunk:
+                chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body.seek(0)
-        return body
+        return RequestBody(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            body = await self.read_body(receive)
+            body = await self.receive_body(receive)
         except RequestAborted:
             return
         except BodyTooLarge:
@@ -156,7 +184,8 @@ class ProxyHandler(ASGIHandler):
             return
         try:
             set_script_prefix(get_script_prefix(scope))
-            request, error_response = self.create_request(scope, body)
+            # A file as far as the request reads it: read, readline, close.
+            request, error_response = self.create_request(scope, cast("IO[bytes]", body))
             if request is None:
                 assert error_response is not None
                 await self.send_response(error_response, send)

@@ -35,6 +35,8 @@ import aiohttp
 import httpx
 from yarl import URL
 
+from openrouter_proxy.upstream import without_body
+
 
 @contextmanager
 def _httpx_errors(request: httpx.Request, *, sent: bool) -> Iterator[None]:
@@ -165,11 +167,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         # A response dropped without being closed gives its slot back when it
         # is collected, as aiohttp does with its connection.
         weakref.finalize(response, release_slot)
+        sent = without_body(request)
         return httpx.Response(
             status_code=response.status,
             headers=response.raw_headers,
-            stream=_ResponseStream(response, request, release_slot),
-            request=request,
+            stream=_ResponseStream(response, sent, release_slot),
+            request=sent,
             extensions={"http_version": b"HTTP/1.1"},
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
@@ -71,6 +72,28 @@ def get_client() -> httpx.AsyncClient:
     return _upstream()[0]
 
 
+def without_body(request: httpx.Request) -> httpx.Request:
+    """The request as its response keeps it: sent, so without its body.
+
+    A response lives as long as its stream, and a coding agent's prompt can be
+    hundreds of KB: the stream must not keep it.
+    """
+    return httpx.Request(request.method, request.url, extensions=request.extensions)
+
+
+class _SentOnce(httpx.AsyncByteStream):
+    """A request body that forgets its bytes once sent: httpx's own transport keeps
+    the request's stream for as long as the response streams."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        body, self._body = self._body, b""
+        if body:
+            yield body
+
+
 async def send(request: httpx.Request) -> httpx.Response:
     """Send a request the loop's client built, straight through its transport.
 
@@ -80,8 +103,15 @@ async def send(request: httpx.Request) -> httpx.Response:
     ``build_request`` put them on the request. The body is decoded as
     ``AsyncClient.send`` would have it decoded (by the response itself).
     """
-    response = await _upstream()[1].handle_async_request(request)
-    response.request = request
+    transport = _upstream()[1]
+    if isinstance(transport, httpx.AsyncHTTPTransport) and request.content:
+        request.stream = _SentOnce(request.content)
+    response = await transport.handle_async_request(request)
+    try:
+        response.request  # noqa: B018  (set by the aiohttp transport, body-less)
+    except RuntimeError:
+        # httpx's own transport leaves the request to the client to set.
+        response.request = without_body(request)
     return response
 
 

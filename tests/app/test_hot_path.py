@@ -277,3 +277,96 @@ def test_admission_runs_on_the_loop_only_while_the_worker_is_not_busy(
     assert calls.count("loop") == (1 if below else 0)
     assert UsageRecord.objects.count() == 1
     assert exchange._running == 0
+
+
+# --- A stream keeps no copy of its prompt -------------------------------------------------
+
+
+def test_a_request_body_is_let_go_once_read() -> None:
+    from openrouter_proxy.asgi import RequestBody
+
+    prompt = b"line one\nline two\n" + b"x" * 1000
+    whole = RequestBody(prompt)
+    assert whole.read(len(prompt) + 1) is prompt  # the bytes received, not a copy
+    assert whole.read() == b""
+    parts = RequestBody(prompt)
+    assert parts.readline() == b"line one\n"
+    assert parts.read(4) == b"line"
+    assert parts.readline() == b" two\n"
+    assert parts.read() == b"x" * 1000
+    assert parts.readline() == b""
+    closed = RequestBody(prompt)
+    closed.close()
+    assert closed.read() == b""
+
+
+def _holders_of(size: int, *, besides: tuple[bytes, ...]) -> list[str]:
+    """What in this process holds bytes of ``size`` or more (the fake's own copies aside)."""
+    import gc
+    import io
+    import types
+
+    def big(value: object) -> bool:
+        return (
+            isinstance(value, bytes | bytearray)
+            and len(value) >= size
+            and not any(value is kept for kept in besides)
+        )
+
+    gc.collect()  # an earlier test's client may linger in a cycle, its prompt with it
+    found = []
+    for thing in gc.get_objects():
+        kind = type(thing)
+        module = kind.__dict__.get("__module__")
+        if isinstance(module, str) and module.startswith(("devtools.", "tests.")):
+            continue
+        if isinstance(thing, io.BytesIO) and not thing.closed and thing.getbuffer().nbytes >= size:
+            found.append(f"{kind.__qualname__} buffer")
+        frame = None
+        if isinstance(thing, types.CoroutineType):
+            frame = thing.cr_frame
+        elif isinstance(thing, types.AsyncGeneratorType):
+            frame = thing.ag_frame
+        if frame is not None and "devtools" not in frame.f_code.co_filename:
+            found += [
+                f"{frame.f_code.co_qualname}: {name}"
+                for name, value in frame.f_locals.items()
+                if big(value)
+            ]
+        attributes = dict(getattr(thing, "__dict__", None) or {})
+        for slot in getattr(kind, "__slots__", ()):
+            if isinstance(slot, str):
+                attributes[slot] = getattr(thing, slot, None)
+        found += [f"{kind.__qualname__}.{name}" for name, value in attributes.items() if big(value)]
+    return found
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_a_stream_keeps_no_copy_of_its_prompt(
+    gateway: Gateway, live_account: Account, settings: Any, transport: str
+) -> None:
+    """A 400 KB prompt is forwarded, then let go while its answer streams for a second."""
+    from benchmarks.run import prompt
+
+    settings.OPENROUTER_PROXY_TRANSPORT = transport
+
+    body = prompt(400_000, True)
+    with httpx.stream(
+        "POST",
+        f"{gateway.proxy}/v1/chat/completions",
+        content=body,
+        headers={
+            **live_account.headers,
+            "Content-Type": "application/json",
+            "X-Fake-Mode": "chunks=20,chunk-delay=0.05",
+        },
+        timeout=30,
+    ) as streaming:
+        assert streaming.status_code == 200
+        pieces = streaming.iter_raw()
+        next(pieces)
+        assert gateway.fake.app.requests[-1].body == body  # forwarded whole
+        assert _holders_of(len(body), besides=(body,)) == []
+        for _ in pieces:
+            pass
+    assert UsageRecord.objects.get().outcome == Outcome.COMPLETED

@@ -75,7 +75,6 @@ def test_the_public_handler_api_the_fast_path_calls() -> None:
         "create_request": ["self", "scope", "body_file"],
         "send_response": ["self", "response", "send"],
         "listen_for_disconnect": ["self", "receive"],
-        "read_body": ["self", "receive"],
         "handle": ["self", "scope", "receive", "send"],
     }.items():
         assert list(inspect.signature(getattr(ASGIHandler, name)).parameters) == parameters, name
