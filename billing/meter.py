@@ -150,6 +150,8 @@ class BillingMeter:
 
     def beat(self) -> list[PendingGeneration]:
         recovery.beat()
+        if not recovery.judges_liveness():
+            return []
         return recovery.pending_after_recovery(recovery.recover_lost_requests())
 
     def retire(self) -> None:

@@ -27,12 +27,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from billing.conf import billing_settings
@@ -109,18 +110,47 @@ def close_request(request_id: uuid.UUID) -> None:
     OpenRequest.objects.filter(request_id=request_id).delete()
 
 
+#: (pid, monotonic time) since which every beat of this process has reached the database.
+_beating_since: tuple[int, float] | None = None
+
+
 def beat() -> None:
     """Say this worker is alive (creating its heartbeat on the first call)."""
+    global _beating_since
     now = timezone.now()
     me = worker_id()
-    updated = WorkerHeartbeat.objects.filter(worker=me).update(seen_at=now)
-    if not updated:
-        # Two plain statements, no read-then-write transaction: SQLite refuses to
-        # upgrade those under concurrent writers instead of waiting its turn.
-        with contextlib.suppress(IntegrityError):
-            WorkerHeartbeat.objects.create(
-                worker=me, host=socket.gethostname()[:255], pid=os.getpid(), seen_at=now
-            )
+    try:
+        updated = WorkerHeartbeat.objects.filter(worker=me).update(seen_at=now)
+        if not updated:
+            # Two plain statements, no read-then-write transaction: SQLite refuses to
+            # upgrade those under concurrent writers instead of waiting its turn.
+            with contextlib.suppress(IntegrityError):
+                WorkerHeartbeat.objects.create(
+                    worker=me, host=socket.gethostname()[:255], pid=os.getpid(), seen_at=now
+                )
+    except DatabaseError:
+        _beating_since = None
+        raise
+    pid = os.getpid()
+    if _beating_since is None or _beating_since[0] != pid:
+        _beating_since = (pid, time.monotonic())
+
+
+def judges_liveness() -> bool:
+    """Whether another worker's stale heartbeat means, to this worker, that it died.
+
+    Only once every beat of this one has reached the database for
+    ``WORKER_STALE_AFTER`` seconds. After an outage longer than that, every
+    heartbeat is stale, the live workers' too: their requests are still
+    streaming, and recovered now, the ones whose generation the trace had not
+    learnt would be recorded unpriced, their real record (spooled, exact)
+    refused as already written. Given a staleness delay of database time,
+    a live worker has beaten again, and only the dead are recovered.
+    """
+    since = _beating_since
+    if since is None or since[0] != os.getpid():
+        return False
+    return time.monotonic() - since[1] >= billing_settings.WORKER_STALE_AFTER
 
 
 def retire() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import DatabaseError, OperationalError, connection
 from django.utils import timezone
 
 from billing import recovery
@@ -192,6 +192,40 @@ def test_live_and_young_traces_are_left_alone(account: Account) -> None:
     assert recover_lost_requests() == []
     assert OpenRequest.objects.count() == 3
     assert set(OpenRequest.objects.values_list("pk", flat=True)) >= {young.pk, alive.pk}
+
+
+def test_a_worker_back_from_an_outage_waits_a_staleness_delay_before_judging_others(
+    account: Account, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an outage every heartbeat is stale: a worker whose beat failed recovers no one's
+    requests until it has beaten for the staleness delay, by which time a live worker has too."""
+    settings.BILLING_WORKER_STALE_AFTER = 0.5
+    meter = BillingMeter()
+    quiet = dead_trace(account, age=120)  # its worker stale through the outage
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("the database is unreachable")
+
+    with monkeypatch.context() as outage:
+        outage.setattr(WorkerHeartbeat.objects, "filter", unreachable)
+        with pytest.raises(DatabaseError):
+            meter.beat()
+    assert meter.beat() == []
+    assert OpenRequest.objects.filter(pk=quiet.pk).exists()
+    # The quiet worker was alive: it beats again within the delay, and its request is left.
+    time.sleep(0.6)
+    WorkerHeartbeat.objects.filter(worker=quiet.worker).update(seen_at=timezone.now())
+    assert recovery.judges_liveness()
+    assert meter.beat() == []
+    assert OpenRequest.objects.filter(pk=quiet.pk).exists()
+    assert not UsageRecord.objects.exists()
+    # A worker that stays quiet past the delay is dead: its request is recovered.
+    WorkerHeartbeat.objects.filter(worker=quiet.worker).update(
+        seen_at=timezone.now() - timedelta(seconds=5)
+    )
+    meter.beat()
+    assert UsageRecord.objects.get(request_id=quiet.request_id).outcome == Outcome.WORKER_LOST
+    assert not OpenRequest.objects.exists()
 
 
 def test_reconcile_usage_recovers_and_settles(
