@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from decimal import Decimal
 from typing import Any
@@ -300,6 +301,24 @@ def test_a_request_body_is_let_go_once_read() -> None:
     assert closed.read() == b""
 
 
+def _attributes(thing: object) -> dict[str, object]:
+    """An object's instance attributes and slots, read without running any of its code."""
+    import types
+
+    found: dict[str, object] = {}
+    with contextlib.suppress(AttributeError, TypeError):
+        found.update(object.__getattribute__(thing, "__dict__"))
+    kind = type(thing)
+    for klass in kind.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            descriptor = klass.__dict__.get(slot)
+            if isinstance(descriptor, types.MemberDescriptorType):
+                with contextlib.suppress(AttributeError):
+                    found[slot] = descriptor.__get__(thing, kind)
+    return found
+
+
 def _holders_of(size: int, *, besides: tuple[bytes, ...]) -> list[str]:
     """What in this process holds bytes of ``size`` or more (the fake's own copies aside)."""
     import gc
@@ -307,25 +326,28 @@ def _holders_of(size: int, *, besides: tuple[bytes, ...]) -> list[str]:
     import types
 
     def big(value: object) -> bool:
-        return (
-            isinstance(value, bytes | bytearray)
-            and len(value) >= size
-            and not any(value is kept for kept in besides)
-        )
+        # type(), never isinstance(): a lazy object's __class__ would evaluate it.
+        if type(value) not in (bytes, bytearray):
+            return False
+        assert isinstance(value, bytes | bytearray)
+        return len(value) >= size and not any(value is kept for kept in besides)
 
     gc.collect()  # an earlier test's client may linger in a cycle, its prompt with it
     found = []
     for thing in gc.get_objects():
         kind = type(thing)
         module = kind.__dict__.get("__module__")
-        if isinstance(module, str) and module.startswith(("devtools.", "tests.")):
+        # By type() here too.
+        if issubclass(kind, type) or (
+            isinstance(module, str) and module.startswith(("devtools.", "tests."))
+        ):
             continue
-        if isinstance(thing, io.BytesIO) and not thing.closed and thing.getbuffer().nbytes >= size:
+        if issubclass(kind, io.BytesIO) and not thing.closed and thing.getbuffer().nbytes >= size:
             found.append(f"{kind.__qualname__} buffer")
         frame = None
-        if isinstance(thing, types.CoroutineType):
+        if kind is types.CoroutineType:
             frame = thing.cr_frame
-        elif isinstance(thing, types.AsyncGeneratorType):
+        elif kind is types.AsyncGeneratorType:
             frame = thing.ag_frame
         if frame is not None and "devtools" not in frame.f_code.co_filename:
             found += [
@@ -333,11 +355,11 @@ def _holders_of(size: int, *, besides: tuple[bytes, ...]) -> list[str]:
                 for name, value in frame.f_locals.items()
                 if big(value)
             ]
-        attributes = dict(getattr(thing, "__dict__", None) or {})
-        for slot in getattr(kind, "__slots__", ()):
-            if isinstance(slot, str):
-                attributes[slot] = getattr(thing, slot, None)
-        found += [f"{kind.__qualname__}.{name}" for name, value in attributes.items() if big(value)]
+        found += [
+            f"{kind.__qualname__}.{name}"
+            for name, value in _attributes(thing).items()
+            if big(value)
+        ]
     return found
 
 
