@@ -82,8 +82,7 @@ def without_body(request: httpx.Request) -> httpx.Request:
 
 
 class _SentOnce(httpx.AsyncByteStream):
-    """A request body that forgets its bytes once sent: httpx's own transport keeps
-    the request's stream for as long as the response streams."""
+    """A request body that forgets its bytes once sent."""
 
     def __init__(self, body: bytes) -> None:
         self._body = body
@@ -104,14 +103,15 @@ async def send(request: httpx.Request) -> httpx.Response:
     ``AsyncClient.send`` would have it decoded (by the response itself).
     """
     transport = _upstream()[1]
-    if isinstance(transport, httpx.AsyncHTTPTransport) and request.content:
+    if not isinstance(transport, httpx.AsyncHTTPTransport):
+        # The aiohttp transport answers with the request already set, body-less.
+        return await transport.handle_async_request(request)
+    # httpx's own keeps the request's stream for as long as the response
+    # streams, and leaves the request to the client to set.
+    if request.content:
         request.stream = _SentOnce(request.content)
     response = await transport.handle_async_request(request)
-    try:
-        response.request  # noqa: B018  (set by the aiohttp transport, body-less)
-    except RuntimeError:
-        # httpx's own transport leaves the request to the client to set.
-        response.request = without_body(request)
+    response.request = without_body(request)
     return response
 
 

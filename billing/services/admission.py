@@ -188,13 +188,12 @@ def user_admission(
         now + timedelta(seconds=billing_settings.IN_FLIGHT_LEASE)
     )
     params = [now_value, lease_end, user_id, bound, now_value]
-    traced = trace is not None and with_trace
-    if trace is not None and traced:
-        take_slot, balance_sql = _admission_sql(connection.vendor, tuple(trace))
+    trace_fields = None
+    if trace is not None and with_trace:
+        trace_fields = tuple(trace)
         params += _prepared(OpenRequest, trace)[1]
-    else:
-        take_slot, balance_sql = _admission_sql(connection.vendor, None)
-    return UserAdmission(take_slot, params, traced, balance_sql)
+    take_slot, balance_sql = _admission_sql(connection.vendor, trace_fields)
+    return UserAdmission(take_slot, params, trace_fields is not None, balance_sql)
 
 
 @functools.cache
