@@ -33,6 +33,7 @@ Django up); the prefix is where the URLconf includes ``openrouter_proxy.urls``::
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -51,7 +52,7 @@ from django.http.response import HttpResponseBase
 from django.urls import NoReverseMatch, reverse, set_script_prefix
 
 from openrouter_proxy import db, observability
-from openrouter_proxy.callers import extract_token
+from openrouter_proxy.callers import extract_token, get_verifier
 from openrouter_proxy.conf import proxy_settings
 from openrouter_proxy.cors import cors_headers
 from openrouter_proxy.errors import BODY_TOO_LARGE, MISSING_API_KEY, error_body, error_response
@@ -60,7 +61,7 @@ from openrouter_proxy.forward import RelayedResponse
 from openrouter_proxy.liveness import stop_heartbeat
 from openrouter_proxy.metering import get_meter
 from openrouter_proxy.settlement import drain
-from openrouter_proxy.upstream import close_clients
+from openrouter_proxy.upstream import close_clients, warm
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +192,22 @@ class ProxyHandler(ASGIHandler):
                 await self.send_response(error_response, send)
                 return
             responding = asyncio.create_task(self._respond(request, send))
-            watching = asyncio.create_task(self.listen_for_disconnect(receive))
+            watching = asyncio.create_task(_until_disconnected(receive))
             await asyncio.wait([responding, watching], return_when=asyncio.FIRST_COMPLETED)
             if not responding.done():
                 # The client went away: the view (or its stream) sees CancelledError.
                 responding.cancel()
                 with suppress(asyncio.CancelledError):
                     await responding
-            watching.cancel()
-            with suppress(asyncio.CancelledError, RequestAborted):
-                await watching
+            elif not watching.done():
+                # A server whose ``receive`` says the exchange is over once the
+                # response is (uvicorn does) has woken the watcher already: one
+                # turn of the loop lets it end by itself, uncancelled.
+                await asyncio.sleep(0)
+            if not watching.done():
+                watching.cancel()
+                with suppress(asyncio.CancelledError):
+                    await watching
             if not responding.cancelled():
                 responding.result()
         finally:
@@ -215,6 +222,17 @@ class ProxyHandler(ASGIHandler):
                 await _send_relayed(response, send)
             else:
                 await self.send_response(response, send)
+
+
+async def _until_disconnected(receive: Receive) -> None:
+    """Return once the server says the client is gone or the exchange is over.
+
+    Django's ``listen_for_disconnect`` raises ``RequestAborted`` instead: an
+    exception, its traceback and their frames on every request, left for the
+    cycle collector.
+    """
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _send_relayed(response: RelayedResponse, send: Send) -> None:
@@ -322,10 +340,36 @@ def with_proxy_fast_path(site: ASGIApp, prefix: str | None = None) -> ASGIApp:
     return application
 
 
+def prepare_worker() -> None:
+    """Load what a worker's first request would load, then freeze what is loaded.
+
+    The meter, the key verifier and the upstream transport (with their
+    modules) are loaded here rather than by the first request. With
+    ``OPENROUTER_PROXY_GC_FREEZE`` on, everything then alive moves to the
+    collector's permanent generation (after a collection, so no garbage is
+    frozen): a full collection then walks only what requests made since, not
+    the whole site's modules.
+    A part that fails to load is logged and left to the first request, which
+    answers its error as it would without this.
+    """
+    parts: list[tuple[str, Callable[[], object]]] = [("meter", get_meter), ("upstream", warm)]
+    if proxy_settings.KEY_VERIFIER:  # else openrouter_proxy.E002 says what is missing
+        parts.append(("key verifier", get_verifier))
+    for part, load in parts:
+        try:
+            load()
+        except Exception:
+            logger.exception("could not load the proxy's %s at start-up", part)
+    if proxy_settings.GC_FREEZE is True:
+        gc.collect()
+        gc.freeze()
+
+
 async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            prepare_worker()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:

@@ -82,6 +82,10 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
                     id="openrouter_proxy.E006",
                 )
             )
+    if not isinstance(proxy_settings.GC_FREEZE, bool):
+        messages.append(
+            Error("OPENROUTER_PROXY_GC_FREEZE must be True or False.", id="openrouter_proxy.E010")
+        )
     from openrouter_proxy.endpoints import entries_from_setting
 
     try:

@@ -30,6 +30,12 @@ class _NoCookies(CookieJar):
         super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
+def warm() -> None:
+    """Import the configured transport's modules (aiohttp's are many) before any request."""
+    if proxy_settings.TRANSPORT == "aiohttp":
+        import openrouter_proxy.transport  # noqa: F401
+
+
 def _new_client() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
     timeout = httpx.Timeout(
         connect=proxy_settings.CONNECT_TIMEOUT,

@@ -56,6 +56,9 @@ def _isolated_settings(settings: Any, tmp_path: Any) -> None:
     # Tests revoke and expire keys and expect the next request to see it.
     settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0
     settings.OPENROUTER_PROXY_ENDPOINTS = ECHO_ENDPOINTS
+    # The test process serves in threads between tests: freezing its objects at each
+    # server's start would keep every earlier test's garbage (workers do freeze).
+    settings.OPENROUTER_PROXY_GC_FREEZE = False
 
 
 @pytest.fixture

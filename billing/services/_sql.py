@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from django.db import connection, models
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 
 def _utc_day(moment: datetime) -> date:
@@ -28,11 +29,14 @@ def _sql_names(model: type[models.Model]) -> tuple[str, Any]:
     return quote(model._meta.db_table), column
 
 
-def _prepared(model: type[models.Model], values: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-    """The fields ``values`` names, and its values as those fields save them."""
+def _prepared(
+    model: type[models.Model], values: dict[str, Any], on: BaseDatabaseWrapper | None = None
+) -> tuple[list[Any], list[Any]]:
+    """The fields ``values`` names, and its values as those fields save them (for ``on``)."""
+    on = on or connection
     fields = [model._meta.get_field(name) for name in values]
     params = [
-        field.get_db_prep_save(values[field.name], connection)
+        field.get_db_prep_save(values[field.name], on)
         for field in fields
         if isinstance(field, models.Field)
     ]

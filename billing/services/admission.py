@@ -15,6 +15,7 @@ from decimal import Decimal
 from typing import Any, Literal, Protocol, overload
 
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F, IntegerField, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -178,11 +179,20 @@ class UserAdmission:
 
 
 def user_admission(
-    user_id: int, trace: dict[str, Any] | None, bound: int, with_trace: bool
+    user_id: int,
+    trace: dict[str, Any] | None,
+    bound: int,
+    with_trace: bool,
+    on: BaseDatabaseWrapper | None = None,
 ) -> UserAdmission:
-    """The one statement admitting a request of a user (and writing its trace if asked)."""
+    """The one statement admitting a request of a user (and writing its trace if asked).
+
+    ``on`` is the database wrapper whose vendor and value adapters build it
+    (``django.db.connection`` by default).
+    """
+    on = on or connection
     now = timezone.now()
-    ops = connection.ops
+    ops = on.ops
     now_value = ops.adapt_datetimefield_value(now)
     lease_end = ops.adapt_datetimefield_value(
         now + timedelta(seconds=billing_settings.IN_FLIGHT_LEASE)
@@ -191,8 +201,8 @@ def user_admission(
     trace_fields = None
     if trace is not None and with_trace:
         trace_fields = tuple(trace)
-        params += _prepared(OpenRequest, trace)[1]
-    take_slot, balance_sql = _admission_sql(connection.vendor, trace_fields)
+        params += _prepared(OpenRequest, trace, on)[1]
+    take_slot, balance_sql = _admission_sql(on.vendor, trace_fields)
     return UserAdmission(take_slot, params, trace_fields is not None, balance_sql)
 
 

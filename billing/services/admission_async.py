@@ -18,6 +18,7 @@ reach the database (``django.db.DatabaseError``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -25,7 +26,8 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import psycopg
-from django.db import DatabaseError, connection
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from billing.conf import billing_settings
 from billing.services.admission import user_admission
@@ -35,9 +37,21 @@ from openrouter_proxy.metering import Admission
 IDLE_CHECK_SECONDS = 30.0
 
 
+@functools.cache
+def _offline() -> BaseDatabaseWrapper:
+    """A wrapper of the default database that never connects, for its vendor and adapters.
+
+    ``django.db.connection`` is local to each asynchronous context: read on the
+    event loop, it builds a new wrapper in every request's context (and leaves
+    it as cyclic garbage). Building a statement needs no connection, only the
+    backend's value adapters, which this one wrapper per process serves.
+    """
+    return connections.create_connection(DEFAULT_DB_ALIAS)
+
+
 def available() -> bool:
     """Whether admissions can run on the event loop here (PostgreSQL with psycopg 3)."""
-    return connection.vendor == "postgresql"
+    return _offline().vendor == "postgresql"
 
 
 class _Connections:
@@ -118,7 +132,7 @@ async def admit_user(
     user_id: int, trace: dict[str, Any] | None, bound: int
 ) -> tuple[Admission, bool]:
     """:func:`billing.services.admission._admit_user`, awaited on the event loop."""
-    statement = user_admission(user_id, trace, bound, with_trace=True)
+    statement = user_admission(user_id, trace, bound, with_trace=True, on=_offline())
     async with _connections().connection() as held:
         cursor = held.cursor()
         await cursor.execute(statement.sql, statement.params)

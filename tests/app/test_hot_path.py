@@ -392,3 +392,81 @@ def test_a_stream_keeps_no_copy_of_its_prompt(
         for _ in pieces:
             pass
     assert UsageRecord.objects.get().outcome == Outcome.COMPLETED
+
+
+# --- What a request leaves to the cycle collector -----------------------------------------
+
+
+def test_a_request_leaves_no_cycles_of_its_own_for_the_collector(
+    gateway: Gateway, live_account: Account
+) -> None:
+    """Requests, JSON and streamed, leave no request, exception or database wrapper in a cycle.
+
+    Each used to leave Django's request, a ``RequestAborted`` with its traceback
+    and frames (the disconnect watcher raised it after every response) and, on
+    PostgreSQL, a whole database wrapper (the event loop's admission read
+    ``django.db.connection``, new in each request's context): some eighty
+    objects a request that only a collection could free.
+    """
+    import gc
+
+    from django.core.exceptions import RequestAborted
+    from django.core.handlers.asgi import ASGIRequest
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    with httpx.Client(base_url=gateway.proxy, headers=live_account.headers, timeout=30) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # warm
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for number in range(20):
+                streamed = {**CHAT, "stream": number % 2 == 1}
+                answer = client.post("/v1/chat/completions", json=streamed)
+                assert answer.status_code == 200
+            assert UsageRecord.objects.count() == 21
+            gc.collect()
+            left = [type(thing) for thing in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    kinds = {kind.__qualname__ for kind in left if issubclass(kind, ASGIRequest | RequestAborted)}
+    kinds |= {kind.__qualname__ for kind in left if issubclass(kind, BaseDatabaseWrapper)}
+    assert kinds == set()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_worker_loads_its_parts_at_start_then_freezes_them(freeze: bool) -> None:
+    """In a fresh process, as a worker starts: the parts are loaded, then (if asked) frozen."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, sys, django\n"
+        "django.setup()\n"
+        "from django.conf import settings\n"
+        f"settings.OPENROUTER_PROXY_GC_FREEZE = {freeze}\n"
+        "from openrouter_proxy import callers, metering\n"
+        "from openrouter_proxy.asgi import prepare_worker\n"
+        "before = ('openrouter_proxy.transport' in sys.modules, gc.get_freeze_count())\n"
+        "prepare_worker()\n"
+        "print(before, 'openrouter_proxy.transport' in sys.modules, gc.get_freeze_count() > 0,"
+        " metering.load_meter.cache_info().currsize, callers._load_verifier.cache_info().currsize)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["(False,", "0)", "True", str(freeze), "1", "1"], done.stderr
+
+
+def test_a_part_that_fails_to_load_at_start_is_left_to_the_first_request(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from openrouter_proxy import metering
+    from openrouter_proxy.asgi import prepare_worker
+
+    settings.OPENROUTER_PROXY_METER = "no.such.module.Meter"
+    metering.load_meter.cache_clear()
+    with caplog.at_level("ERROR", logger="openrouter_proxy.asgi"):
+        prepare_worker()
+    assert "could not load the proxy's meter at start-up" in caplog.text
+    assert metering.load_meter.cache_info().currsize == 0
