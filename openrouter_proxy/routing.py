@@ -10,6 +10,7 @@ scheme, no control characters. The query string is forwarded byte for byte.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit
@@ -90,6 +91,10 @@ def build_upstream_url(base_url: str, raw_path: bytes, raw_query: bytes = b"") -
     return upstream_target(base_url, raw_path, raw_query)[1]
 
 
+# Coding agents call a handful of paths, most of them without a query: their
+# checked targets are remembered (a pure function of its arguments; a refusal is
+# not remembered, and httpx's URLs are immutable).
+@functools.lru_cache(maxsize=256)
 def upstream_target(
     base_url: str, raw_path: bytes, raw_query: bytes = b""
 ) -> tuple[str, httpx.URL]:
