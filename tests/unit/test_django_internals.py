@@ -74,7 +74,6 @@ def test_the_public_handler_api_the_fast_path_calls() -> None:
     for name, parameters in {
         "create_request": ["self", "scope", "body_file"],
         "send_response": ["self", "response", "send"],
-        "listen_for_disconnect": ["self", "receive"],
         "handle": ["self", "scope", "receive", "send"],
     }.items():
         assert list(inspect.signature(getattr(ASGIHandler, name)).parameters) == parameters, name
