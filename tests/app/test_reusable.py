@@ -35,12 +35,25 @@ urlpatterns = [path("nothing-here", _nothing)]
 async def test_the_proxy_view_is_csrf_exempt_without_the_fast_path() -> None:
     """Through the site's full middleware (CSRF checks enforced), a keyed POST is not a 403."""
     from asgiref.sync import sync_to_async
+    from django.db import connections
 
-    account = await sync_to_async(make_account)("carol", credit=None)
+    def in_the_sync_thread(work: Any) -> Any:
+        # asgiref's thread for sync code outlives the test, and Django's test
+        # client does not close connections: one left open there would keep a
+        # session on the test database when it is dropped.
+        try:
+            return work()
+        finally:
+            connections.close_all()
+
+    account = await sync_to_async(in_the_sync_thread)(lambda: make_account("carol", credit=None))
     client = AsyncClient(enforce_csrf_checks=True)
-    answer = await client.post(
-        PROXY, CHAT, content_type="application/json", headers=account.headers
-    )
+    try:
+        answer = await client.post(
+            PROXY, CHAT, content_type="application/json", headers=account.headers
+        )
+    finally:
+        await sync_to_async(in_the_sync_thread)(lambda: None)
     assert answer.status_code == 402
     assert answer.json()["error"]["code"] == "insufficient_credits"
 
