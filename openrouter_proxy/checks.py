@@ -64,10 +64,10 @@ def check_proxy_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMe
         messages.append(
             Error(f"OPENROUTER_PROXY_{name} must not be negative.", id="openrouter_proxy.E004")
         )
-    if proxy_settings.TRANSPORT not in {"aiohttp", "httpx"}:
+    if proxy_settings.TRANSPORT not in {"native", "aiohttp", "httpx"}:
         messages.append(
             Error(
-                'OPENROUTER_PROXY_TRANSPORT must be "aiohttp" or "httpx".',
+                'OPENROUTER_PROXY_TRANSPORT must be "native", "aiohttp" or "httpx".',
                 id="openrouter_proxy.E005",
             )
         )

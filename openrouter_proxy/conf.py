@@ -80,8 +80,9 @@ class ProxySettings:
 
     @property
     def TRANSPORT(self) -> str:
-        """How upstream bytes move: ``"aiohttp"`` (faster) or ``"httpx"`` (httpx's own)."""
-        return str(self._get("TRANSPORT", "aiohttp"))
+        """How upstream bytes move: ``"native"`` (the proxy's own HTTP/1.1 client, fastest),
+        ``"aiohttp"`` (httpx's API over aiohttp's client) or ``"httpx"`` (httpx's own)."""
+        return str(self._get("TRANSPORT", "native"))
 
     @property
     def MAX_CONNECTIONS(self) -> int:

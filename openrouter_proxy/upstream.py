@@ -12,6 +12,7 @@ to each gap between two chunks.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import weakref
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -30,10 +31,14 @@ class _NoCookies(CookieJar):
         super().__init__(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
+_TRANSPORT_MODULES = {"native": "openrouter_proxy.wire", "aiohttp": "openrouter_proxy.transport"}
+
+
 def warm() -> None:
     """Import the configured transport's modules (aiohttp's are many) before any request."""
-    if proxy_settings.TRANSPORT == "aiohttp":
-        import openrouter_proxy.transport  # noqa: F401
+    module = _TRANSPORT_MODULES.get(proxy_settings.TRANSPORT)
+    if module is not None:
+        importlib.import_module(module)
 
 
 def _new_client() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
@@ -49,7 +54,11 @@ def _new_client() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
         keepalive_expiry=30,
     )
     transport: httpx.AsyncBaseTransport
-    if proxy_settings.TRANSPORT == "aiohttp":
+    if proxy_settings.TRANSPORT == "native":
+        from openrouter_proxy.wire import NativeTransport
+
+        transport = NativeTransport(limits)
+    elif proxy_settings.TRANSPORT == "aiohttp":
         from openrouter_proxy.transport import AiohttpTransport
 
         transport = AiohttpTransport(limits)
@@ -110,7 +119,7 @@ async def send(request: httpx.Request) -> httpx.Response:
     """
     transport = _upstream()[1]
     if not isinstance(transport, httpx.AsyncHTTPTransport):
-        # The aiohttp transport answers with the request already set, body-less.
+        # The proxy's own and the aiohttp transport answer with the request already set, body-less.
         return await transport.handle_async_request(request)
     # httpx's own keeps the request's stream for as long as the response
     # streams, and leaves the request to the client to set.

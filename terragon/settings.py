@@ -155,6 +155,8 @@ CORS_ALLOWED_ORIGINS = env_list("BILLING_CORS_ALLOWED_ORIGINS", "")
 # The gateway.
 OPENROUTER_PROXY_API_KEY = os.environ.get("OPENROUTER_API_KEY", "")
 OPENROUTER_PROXY_BASE_URL = os.environ.get("OPENROUTER_BASE_URL", "https://openrouter.ai/api")
+if os.environ.get("OPENROUTER_TRANSPORT"):  # "native" (the default), "aiohttp" or "httpx"
+    OPENROUTER_PROXY_TRANSPORT = os.environ["OPENROUTER_TRANSPORT"]
 # Who a token belongs to: this site's own API keys.
 OPENROUTER_PROXY_KEY_VERIFIER = "terragon.apikeys.verifier.verify_api_key"
 # Who pays: billing's credits, limits and exact charges.

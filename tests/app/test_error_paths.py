@@ -40,6 +40,7 @@ from devtools.fake_openrouter import bind_socket
 from openrouter_proxy import asgi, settlement
 from openrouter_proxy.metering import ReportedUsage, UsageDraft
 from openrouter_proxy.transport import AiohttpTransport
+from openrouter_proxy.wire import NativeTransport
 from tests.support.accounts import Account, Gateway
 from tests.support.faults.common import CHAT, CHAT_PATH, STREAM_CHAT, port_of
 from tests.support.logs import no_errors_logged
@@ -133,7 +134,8 @@ def test_exhausted_upstream_pool_is_503_gateway_busy(
     wait_for(lambda: in_flight(live_account) == 0, "every in-flight slot back")
 
 
-async def test_transport_pool_wait_times_out_as_pool_timeout() -> None:
+@pytest.mark.parametrize("kind", [NativeTransport, AiohttpTransport])
+async def test_transport_pool_wait_times_out_as_pool_timeout(kind: type[Any]) -> None:
     """Unit: the wait for a connection is a PoolTimeout, and a closed response frees its slot."""
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -145,7 +147,7 @@ async def test_transport_pool_wait_times_out_as_pool_timeout() -> None:
     from devtools.servers import serve_in_thread
 
     with serve_in_thread(app, lifespan="off") as url:
-        transport = AiohttpTransport(httpx.Limits(max_connections=1))
+        transport = kind(httpx.Limits(max_connections=1))
         timeout = httpx.Timeout(5, pool=0.2)
         async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
             first = await client.send(client.build_request("GET", url), stream=True)
@@ -166,6 +168,7 @@ def test_unexpected_error_from_send_is_a_json_500_and_recorded(
     async def broken(self: Any, request: httpx.Request) -> httpx.Response:
         raise RuntimeError("transport bug")
 
+    monkeypatch.setattr(NativeTransport, "handle_async_request", broken)
     monkeypatch.setattr(AiohttpTransport, "handle_async_request", broken)
     monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", broken)
     response = httpx.post(chat_url(gateway), json=CHAT, headers=live_account.headers)

@@ -154,10 +154,12 @@ def test_httpx_transport_disconnect_is_settled(
     assert CreditAccount.objects.get(user=live_account.user).in_flight == 0
 
 
-def test_aiohttp_transport_reports_upstream_failures_like_httpx(
-    gateway: Gateway, live_account: Account, settings: Any
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
+def test_every_transport_reports_upstream_failures_alike(
+    gateway: Gateway, live_account: Account, settings: Any, transport: str
 ) -> None:
     """Connect refused: retry is safe. Silence after sending: it is not."""
+    settings.OPENROUTER_PROXY_TRANSPORT = transport
     settings.OPENROUTER_PROXY_READ_TIMEOUT = 0.3
     url = f"{gateway.proxy}/v1/chat/completions"
     silent = httpx.post(
@@ -363,7 +365,7 @@ def _holders_of(size: int, *, besides: tuple[bytes, ...]) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("transport", ["native", "aiohttp", "httpx"])
 def test_a_stream_keeps_no_copy_of_its_prompt(
     gateway: Gateway, live_account: Account, settings: Any, transport: str
 ) -> None:
@@ -447,9 +449,9 @@ def test_a_worker_loads_its_parts_at_start_then_freezes_them(freeze: bool) -> No
         f"settings.OPENROUTER_PROXY_GC_FREEZE = {freeze}\n"
         "from openrouter_proxy import callers, metering\n"
         "from openrouter_proxy.asgi import prepare_worker\n"
-        "before = ('openrouter_proxy.transport' in sys.modules, gc.get_freeze_count())\n"
+        "before = ('openrouter_proxy.wire' in sys.modules, gc.get_freeze_count())\n"
         "prepare_worker()\n"
-        "print(before, 'openrouter_proxy.transport' in sys.modules, gc.get_freeze_count() > 0,"
+        "print(before, 'openrouter_proxy.wire' in sys.modules, gc.get_freeze_count() > 0,"
         " metering.load_meter.cache_info().currsize, callers._load_verifier.cache_info().currsize)"
     )
     done = subprocess.run(
