@@ -8,12 +8,14 @@ malformed, silent, delimited by the connection's end) are given on purpose.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
+import trustme
 
 from openrouter_proxy.wire import HIGH_WATER, NativeTransport
 
@@ -38,8 +40,8 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 @asynccontextmanager
-async def upstream(script: Script) -> AsyncIterator[Upstream]:
-    """A server on loopback that answers every connection with ``script``."""
+async def upstream(script: Script, tls: ssl.SSLContext | None = None) -> AsyncIterator[Upstream]:
+    """A server on loopback that answers every connection with ``script`` (over TLS if given)."""
     seen = Upstream("")
     handlers: set[asyncio.Task[None]] = set()
 
@@ -55,9 +57,9 @@ async def upstream(script: Script) -> AsyncIterator[Upstream]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    seen.url = f"http://127.0.0.1:{port}"
+    seen.url = f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
     async with server:
         try:
             yield seen
@@ -288,3 +290,23 @@ async def test_the_pool_keeps_at_most_its_keepalive_limit_and_drops_expired_conn
             await asyncio.sleep(0.3)
             assert (await http.get(server.url)).status_code == 200
             assert server.connections == 5  # the kept ones had expired
+
+
+async def test_an_https_upstream_is_verified_by_name_and_kept_alive() -> None:
+    authority = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(tls)
+    body = b"z" * (4 * HIGH_WATER)
+    async with upstream(answering(body), tls) as server:
+        transport = NativeTransport(httpx.Limits(max_connections=10, keepalive_expiry=30))
+        trusting = ssl.create_default_context()
+        authority.configure_trust(trusting)
+        transport._ssl = trusting  # the test's authority instead of the public ones
+        async with httpx.AsyncClient(transport=transport) as http:
+            for _ in range(2):
+                assert (await http.post(server.url, content=b"{}")).content == body
+            assert server.connections == 1
+        # By default only the public authorities are trusted: this certificate is refused.
+        async with client() as http:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await http.post(server.url, content=b"{}")
