@@ -42,6 +42,10 @@ def check_billing_settings(app_configs: Any = None, **kwargs: Any) -> list[Check
                 id="billing.E008",
             )
         )
+    if not isinstance(getattr(settings, "BILLING_PREPARED_STATEMENTS", True), bool):
+        messages.append(
+            Error("BILLING_PREPARED_STATEMENTS must be True or False.", id="billing.E009")
+        )
     try:
         billing_settings.CREDITS_LOW_THRESHOLD  # noqa: B018  (parsing is the check)
     except (InvalidOperation, ValueError, TypeError):

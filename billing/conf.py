@@ -34,6 +34,16 @@ class BillingSettings:
         return int(self._get("ADMISSION_CONNECTIONS", 8))
 
     @property
+    def PREPARED_STATEMENTS(self) -> bool:
+        """Whether the statements of every request are prepared on PostgreSQL.
+
+        Off only behind a connection pooler that does not keep prepared
+        statements (PgBouncer in transaction mode before 1.21); see
+        ``billing.services._sql.hot_cursor``.
+        """
+        return self._get("PREPARED_STATEMENTS", True)  # type: ignore[no-any-return]
+
+    @property
     def IN_FLIGHT_LEASE(self) -> int:
         """Seconds after which an idle user's in-flight count is presumed stale.
 

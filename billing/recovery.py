@@ -39,7 +39,7 @@ from django.utils import timezone
 from billing.conf import billing_settings
 from billing.models import OpenRequest, Outcome, Settlement, UsageRecord, WorkerHeartbeat
 from billing.services import Recorded, record_usage
-from billing.services._sql import _prepared, _sql_names
+from billing.services._sql import _prepared, _sql_names, hot_cursor
 from openrouter_proxy.metering import MeteredRequest, PendingGeneration, ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:
         "answered_at": timezone.now(),
         "request_id": request_id,
     }
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(_answered_sql(connection.vendor), _prepared(OpenRequest, values)[1])
 
 

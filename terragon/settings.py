@@ -169,6 +169,7 @@ BILLING_KEY_ADMIN = "apikeys.ApiKey"
 BILLING_SPOOL_DIR = Path(os.environ.get("BILLING_SPOOL_DIR", VAR_DIR / "spool"))
 BILLING_MARKUP = os.environ.get("BILLING_MARKUP", "1")
 BILLING_MAX_IN_FLIGHT = int(os.environ.get("BILLING_MAX_IN_FLIGHT", "8"))
+BILLING_PREPARED_STATEMENTS = env_bool("BILLING_PREPARED_STATEMENTS", True)
 BILLING_CREDITS_LOW_THRESHOLD = os.environ.get("BILLING_CREDITS_LOW_THRESHOLD", "5")
 # The window of a key's request rate (tests shorten it; keep 60 for "per minute").
 BILLING_RATE_WINDOW_SECONDS = os.environ.get("BILLING_RATE_WINDOW_SECONDS", "60")

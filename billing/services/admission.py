@@ -23,7 +23,13 @@ from django.utils import timezone
 from billing.conf import billing_settings
 from billing.models import CreditAccount, KeyMeter, OpenRequest
 from billing.money import to_units
-from billing.services._sql import _insert_returning_pk, _prepared, _sql_names, _utc_day
+from billing.services._sql import (
+    _insert_returning_pk,
+    _prepared,
+    _sql_names,
+    _utc_day,
+    hot_cursor,
+)
 from openrouter_proxy.metering import Admission, AdmissionResult
 
 logger = logging.getLogger(__name__)
@@ -152,7 +158,7 @@ def _admit_user(user_id: int, trace: dict[str, Any] | None, bound: int) -> tuple
     (inserted only if the slot was taken); the answer says whether it did.
     """
     statement = user_admission(user_id, trace, bound, connection.vendor == "postgresql")
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(statement.sql, statement.params)
         if cursor.rowcount:
             return Admission.ADMITTED, statement.traced
@@ -370,7 +376,7 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int)
         )
 
         def execute() -> bool:
-            with connection.cursor() as cursor:
+            with hot_cursor() as cursor:
                 cursor.execute(sql, [*take_slot_params, *advance_params])
                 return cursor.fetchone() is not None
 

@@ -1,8 +1,10 @@
 """Admission on the proxy's event loop, on PostgreSQL.
 
 The admission of a request without key limits is one statement (see
-:func:`billing.services.admission.user_admission`). Run in a database thread,
-the hop there and back costs more than the statement itself; here it runs on
+:func:`billing.services.admission.user_admission`), prepared on the server as
+the proxy's other hot statements are (``billing.services._sql.hot_cursor``).
+Run in a database thread, the hop there and back costs more than the
+statement itself; here it runs on
 the worker's event loop, over psycopg's asynchronous connections, built from
 the same ``DATABASES["default"]`` settings Django connects with.
 
@@ -30,6 +32,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from billing.conf import billing_settings
+from billing.services._sql import NEVER_BY_COUNT
 from billing.services.admission import user_admission
 from openrouter_proxy.metering import Admission
 
@@ -66,7 +69,12 @@ class _Connections:
     def _params() -> dict[str, Any]:
         params = connection.get_connection_params()
         params.pop("cursor_factory", None)
-        return {**params, "autocommit": True, "cursor_factory": psycopg.AsyncClientCursor}
+        if billing_settings.PREPARED_STATEMENTS:
+            # Bound and prepared on the server, as hot_cursor's statements are.
+            params |= {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": NEVER_BY_COUNT}
+        else:
+            params |= {"cursor_factory": psycopg.AsyncClientCursor}
+        return {**params, "autocommit": True}
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         opened = await psycopg.AsyncConnection.connect(**self._params())
@@ -135,7 +143,9 @@ async def admit_user(
     statement = user_admission(user_id, trace, bound, with_trace=True, on=_offline())
     async with _connections().connection() as held:
         cursor = held.cursor()
-        await cursor.execute(statement.sql, statement.params)
+        await cursor.execute(
+            statement.sql, statement.params, prepare=billing_settings.PREPARED_STATEMENTS
+        )
         if cursor.rowcount:
             return Admission.ADMITTED, statement.traced
         await cursor.execute(statement.balance_sql, [user_id])

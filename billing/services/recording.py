@@ -26,7 +26,13 @@ from billing.models import (
     UsageRecord,
 )
 from billing.money import from_units, to_units
-from billing.services._sql import _insert_returning_pk, _prepared, _sql_names, _utc_day
+from billing.services._sql import (
+    _insert_returning_pk,
+    _prepared,
+    _sql_names,
+    _utc_day,
+    hot_cursor,
+)
 from billing.services.admission import release_request
 from billing.services.ledger import _account_upsert_sql, _notify_if_low
 from billing.services.pricing import bill, cost_at_price, determine_charge
@@ -228,7 +234,7 @@ def _charge_account(
                 "created_at": at,
             },
         )
-    with connection.cursor() as cursor:
+    with hot_cursor() as cursor:
         cursor.execute(
             _account_upsert_sql(),
             [
@@ -243,7 +249,7 @@ def _charge_account(
     if amount > 0:
         _notify_if_low(user_id, from_units(row[0]), amount)
     if amount > 0 and key is not None:
-        with connection.cursor() as cursor:
+        with hot_cursor() as cursor:
             cursor.execute(
                 _meter_upsert_sql("VALUES (%s, %s, %s, %s, %s, %s, '', 0, %s)"),
                 _meter_upsert_params(key, user_id, amount, at),
@@ -395,7 +401,7 @@ def _record_and_charge_in_one_statement(
     ]
 
     def execute() -> Any:
-        with connection.cursor() as cursor:
+        with hot_cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.fetchone()
 

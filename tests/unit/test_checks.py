@@ -111,6 +111,8 @@ def test_valid_endpoint_entries_pass(settings: Any) -> None:
         ("BILLING_ADMISSION_CONNECTIONS", 0, "billing.E008"),
         ("BILLING_ADMISSION_CONNECTIONS", "many", "billing.E008"),
         ("BILLING_ADMISSION_CONNECTIONS", True, "billing.E008"),
+        ("BILLING_PREPARED_STATEMENTS", "yes", "billing.E009"),
+        ("BILLING_PREPARED_STATEMENTS", 1, "billing.E009"),
         ("BILLING_KEY_ADMIN", "nonsense", "billing.E006"),
         ("BILLING_WORKER_HEARTBEAT", 0, "billing.E007"),
         ("BILLING_WORKER_STALE_AFTER", 5, "billing.E007"),
