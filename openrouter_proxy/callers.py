@@ -9,9 +9,11 @@ a coroutine function (awaited directly).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -22,6 +24,8 @@ from typing import Any
 from django.utils.module_loading import import_string
 
 from openrouter_proxy.db import run_db
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,10 @@ def get_verifier() -> Callable[[str], Awaitable[Caller | None]]:
     return _load_verifier(proxy_settings.KEY_VERIFIER)
 
 
+#: How fresh a remembered answer is (see :meth:`VerificationCache.get`).
+FRESH, STALE, MISSING = "fresh", "stale", "missing"
+
+
 class VerificationCache:
     """What a worker recently learnt about tokens, for a few seconds.
 
@@ -112,16 +120,24 @@ class VerificationCache:
     def _key(token: str) -> bytes:
         return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
-    def get(self, token: str) -> tuple[bool, Caller | str | None]:
-        """(found, answer); a string answer is a refusal message."""
+    def get(self, token: str, grace: float = 0.0) -> tuple[str, Caller | str | None]:
+        """(freshness, answer); a string answer is a refusal message.
+
+        An expired caller (never a refusal) is ``STALE`` for ``grace`` seconds
+        more, then forgotten.
+        """
         key = self._key(token)
         entry = self._entries.get(key)
         if entry is None:
-            return False, None
-        if entry[0] < time.monotonic():
-            del self._entries[key]
-            return False, None
-        return True, entry[1]
+            return MISSING, None
+        expires, answer = entry
+        now = time.monotonic()
+        if now < expires:
+            return FRESH, answer
+        if now < expires + grace and isinstance(answer, Caller):
+            return STALE, answer
+        del self._entries[key]
+        return MISSING, None
 
     def put(self, token: str, answer: Caller | str | None, seconds: float) -> None:
         key = self._key(token)
@@ -135,19 +151,29 @@ class VerificationCache:
 
 
 verification_cache = VerificationCache()
+#: Tokens being verified again in the background, by digest.
+_reverifying: dict[bytes, asyncio.Task[None]] = {}
 
 
 async def verify_token(token: str) -> Caller | None:
     """The caller a token belongs to, or None; raises :class:`ApiKeyRejected`.
 
-    Answers are remembered briefly (see :class:`VerificationCache`).
+    Answers are remembered briefly (see :class:`VerificationCache`). On a
+    loop that outlives its responses (the fast path), a caller remembered for
+    longer than that, but by less than twice as long, is answered at once while
+    the token is verified again beside the request: a key in steady use never
+    waits for its lookup, and one revoked is refused as soon as that lookup
+    returns. A key unused for longer is verified before its request goes on.
     """
     from openrouter_proxy.conf import proxy_settings
+    from openrouter_proxy.exchange import is_serving_loop
 
     seconds = proxy_settings.KEY_CACHE_SECONDS
     if seconds > 0:
-        found, answer = verification_cache.get(token)
-        if found:
+        freshness, answer = verification_cache.get(token, seconds if is_serving_loop() else 0)
+        if freshness == STALE:
+            _verify_again_in_background(token, seconds)
+        if freshness != MISSING:
             if isinstance(answer, str):
                 raise ApiKeyRejected(answer)
             return answer
@@ -160,6 +186,38 @@ async def verify_token(token: str) -> Caller | None:
     if seconds > 0:
         verification_cache.put(token, caller, seconds)
     return caller
+
+
+def _verify_again_in_background(token: str, seconds: float) -> None:
+    """Verify a remembered token again beside the request (once at a time per token)."""
+    from openrouter_proxy.settlement import run_in_background
+
+    key = VerificationCache._key(token)
+    running = _reverifying.get(key)
+    if running is not None and not running.done():
+        return
+    task = run_in_background(_verify_again(token, seconds))
+    _reverifying[key] = task
+
+    def done(finished: asyncio.Task[None]) -> None:
+        if _reverifying.get(key) is finished:
+            del _reverifying[key]
+
+    task.add_done_callback(done)
+
+
+async def _verify_again(token: str, seconds: float) -> None:
+    try:
+        caller = await get_verifier()(token)
+    except ApiKeyRejected as rejected:
+        verification_cache.put(token, str(rejected), seconds)
+        return
+    except Exception:
+        # The remembered answer runs out by itself; the next request then
+        # verifies the token before going on, and answers the error.
+        logger.warning("could not verify a remembered key again", exc_info=True)
+        return
+    verification_cache.put(token, caller, seconds)
 
 
 def extract_token(headers: Callable[[str], str | None]) -> str | None:

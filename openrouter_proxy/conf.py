@@ -123,6 +123,10 @@ class ProxySettings:
 
         A revoked or expired key may keep working this long on a worker that
         verified it just before; in exchange most requests skip the lookup.
+        On the fast path a key used again within twice this time goes on at
+        once while it is verified again beside the request (see
+        ``callers.verify_token``): revoked, it is refused once that lookup
+        returns, so at most twice this time after the last one.
         """
         return float(self._get("KEY_CACHE_SECONDS", 10.0))
 

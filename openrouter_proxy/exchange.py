@@ -63,6 +63,11 @@ def on_serving_loop() -> None:
     _serving_loop.set(True)
 
 
+def is_serving_loop() -> bool:
+    """Whether the current task runs on a loop that outlives its responses."""
+    return _serving_loop.get()
+
+
 #: Metered requests this process is serving, from admission to their end.
 _running = 0
 #: Up to this many, a meter's ``admit_async`` is awaited on the loop: the

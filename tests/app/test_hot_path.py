@@ -10,10 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
+from asgiref.sync import sync_to_async
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, bill, check_ledger
-from openrouter_proxy.callers import ApiKeyRejected, verification_cache, verify_token
+from openrouter_proxy.callers import (
+    FRESH,
+    MISSING,
+    ApiKeyRejected,
+    verification_cache,
+    verify_token,
+)
 from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
 from tests.support.servers import wait_until
 
@@ -96,8 +103,72 @@ def test_the_cache_keeps_no_token_and_stays_bounded(key_cache: None) -> None:
         cache.put(f"tg_token_{n}", None, 60)
     assert len(cache._entries) == 3
     assert all(isinstance(key, bytes) and b"tg_" not in key for key in cache._entries)
-    assert cache.get("tg_token_0") == (False, None)
-    assert cache.get("tg_token_4") == (True, None)
+    assert cache.get("tg_token_0") == (MISSING, None)
+    assert cache.get("tg_token_4") == (FRESH, None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_the_fast_path_a_key_past_its_time_goes_on_while_it_is_verified_again(
+    live_account: Account, settings: Any, verifications: list[str]
+) -> None:
+    """Past its time, within twice it: answered at once, verified beside; a revocation lands."""
+    from openrouter_proxy import callers
+    from openrouter_proxy.exchange import on_serving_loop
+
+    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0.3
+    verification_cache.clear()
+    token = live_account.token
+
+    async def serving() -> list[Any]:
+        on_serving_loop()
+        answers: list[Any] = [await verify_token(token)]  # verified: the first lookup
+        await asyncio.sleep(0.4)  # past its time, within twice it
+        answers.append(await verify_token(token))  # at once, from what is remembered
+        assert len(verifications) == 1
+        await asyncio.gather(*callers._reverifying.values())  # the lookup beside it
+        assert len(verifications) == 2
+        answers.append(await verify_token(token))  # fresh again: no lookup
+        await sync_to_async(live_account.key.revoke)()
+        await asyncio.sleep(0.4)
+        answers.append(await verify_token(token))  # the last one it goes on for
+        await asyncio.gather(*callers._reverifying.values())
+        with pytest.raises(ApiKeyRejected, match="revoked"):
+            await verify_token(token)
+        await asyncio.sleep(0.7)  # past twice its time: the refusal was never stale
+        with pytest.raises(ApiKeyRejected, match="revoked"):
+            await verify_token(token)
+        return answers
+
+    answers = asyncio.run(serving())
+    assert all(answer is not None and answer.key_id == live_account.key.pk for answer in answers)
+    assert len(verifications) == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_unused_for_twice_its_time_or_off_the_fast_path_is_verified_first(
+    live_account: Account, settings: Any, verifications: list[str]
+) -> None:
+    from openrouter_proxy.exchange import on_serving_loop
+
+    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0.2
+    verification_cache.clear()
+    token = live_account.token
+
+    async def serving() -> None:
+        on_serving_loop()
+        await verify_token(token)
+        await asyncio.sleep(0.5)  # past twice its time
+        await verify_token(token)
+
+    asyncio.run(serving())
+    assert len(verifications) == 2  # both looked up before answering
+
+    async def elsewhere() -> None:  # Django's own handler, the test client, WSGI
+        await asyncio.sleep(0.3)  # past its time, within twice it
+        await verify_token(token)
+
+    asyncio.run(elsewhere())
+    assert len(verifications) == 3
 
 
 # --- httpx's own transport, the alternative to aiohttp -----------------------------------
