@@ -34,6 +34,38 @@ def test_valid_key_verifies(account: Account) -> None:
     assert caller.key_label == f"tg_{account.key.prefix}"
 
 
+def test_the_key_is_loaded_in_one_statement_as_the_orm_loads_it(
+    account: Account, django_assert_num_queries: Any
+) -> None:
+    from decimal import Decimal
+
+    from terragon.apikeys.verifier import KEY_FIELDS, USER_FIELDS, _find_key
+
+    key = account.key
+    key.expires_at = timezone.now() + timedelta(days=3)
+    key.spend_limit = Decimal("12.345678901234")
+    key.daily_spend_limit = Decimal("0.5")
+    key.requests_per_minute = 30
+    key.last_used_at = timezone.now() - timedelta(hours=1)
+    key.save()
+    with django_assert_num_queries(1):
+        found = _find_key(key.prefix)
+        assert found is not None
+        loaded = [getattr(found, name) for name in KEY_FIELDS if name != "user"]
+        user = [getattr(found.user, name) for name in USER_FIELDS]
+    orm = ApiKey.objects.select_related("user").get(pk=key.pk)
+    assert loaded == [getattr(orm, name) for name in KEY_FIELDS if name != "user"]
+    assert user == [getattr(orm.user, name) for name in USER_FIELDS]
+    assert found.user_id == orm.user_id
+    assert found.limits == orm.limits
+    assert found.limits.spend_limit == Decimal("12.345678901234")
+    assert found.expires_at is not None
+    assert found.expires_at.tzinfo is not None  # aware, on SQLite too
+    assert found.get_deferred_fields() >= {"name", "created_at"}  # the rest loads on demand
+    assert found.name == orm.name
+    assert _find_key("nosuchprefix") is None
+
+
 @pytest.mark.parametrize(
     "mangle",
     [
