@@ -24,6 +24,7 @@ from django.db import DatabaseError
 from billing import recovery
 from billing.conf import billing_settings
 from billing.models import CostSource, Settlement, UsageRecord
+from billing.money import to_units
 from billing.services import (
     RecordResult,
     admission_async,
@@ -67,6 +68,8 @@ class BillingMeter:
             detailed=True,
             trace=recovery.trace_values(request),
             ending=request.ending,
+            unrecorded=bill(request.ending_cost),
+            key_unrecorded=bill(request.ending_key_cost),
         )
 
     async def admit_async(self, request: MeteredRequest) -> AdmissionResult:
@@ -75,7 +78,10 @@ class BillingMeter:
         if not admission_async.available() or gate is not None:
             return await run_db(self.admit, request)
         admission, _ = await admission_async.admit_user(
-            request.user_id, recovery.trace_values(request), in_flight_bound(request.ending)
+            request.user_id,
+            recovery.trace_values(request),
+            in_flight_bound(request.ending),
+            held=to_units(bill(request.ending_cost)),
         )
         return AdmissionResult(admission)
 

@@ -25,6 +25,7 @@ from collections.abc import Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from django.db import DatabaseError
@@ -45,8 +46,9 @@ from openrouter_proxy.settlement import run_in_background, settle_from_generatio
 
 logger = logging.getLogger("openrouter_proxy.requests")
 
-#: Records this worker is still writing, by caller (see ``MeteredRequest.ending``).
-_recording: dict[int, set[asyncio.Task[None]]] = {}
+#: Records this worker is still writing, by caller, each with its key and its
+#: reported cost (None: not reported) (see ``MeteredRequest.ending``).
+_recording: dict[int, dict[asyncio.Task[None], tuple[int | None, Decimal | None]]] = {}
 _serving_loop: ContextVar[bool] = ContextVar("serving_loop", default=False)
 
 
@@ -82,18 +84,35 @@ def records_in_progress() -> int:
     return sum(len(tasks) for tasks in list(_recording.values()))
 
 
-def _start_record(user_id: int, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+def _start_record(draft: UsageDraft, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     task = run_in_background(coro)
-    pending = _recording.setdefault(user_id, set())
-    pending.add(task)
+    user_id = draft.user_id
+    pending = _recording.setdefault(user_id, {})
+    pending[task] = (draft.api_key_id, draft.usage.provider_cost)
 
     def written(done: asyncio.Task[None]) -> None:
-        pending.discard(done)
+        pending.pop(done, None)
         if not pending and _recording.get(user_id) is pending:
             del _recording[user_id]
 
     task.add_done_callback(written)
     return task
+
+
+def _ending(user_id: int, key_id: int | None) -> tuple[int, Decimal, Decimal]:
+    """How many of a caller's ended requests are being recorded with a known cost, and it.
+
+    The total, and the part through ``key_id``. One whose cost is not reported
+    is left out: its slot still counts against the caller's bound.
+    """
+    count, cost, key_cost = 0, Decimal(0), Decimal(0)
+    for key, reported in _recording.get(user_id, {}).values():
+        if reported is not None:
+            count += 1
+            cost += reported
+            if key == key_id:
+                key_cost += reported
+    return count, cost, key_cost
 
 
 @dataclass(slots=True)
@@ -118,6 +137,7 @@ class Exchange:
     _counted: bool = False
 
     def metered_request(self) -> MeteredRequest:
+        ending, ending_cost, ending_key_cost = _ending(self.caller.user_id, self.caller.key_id)
         return MeteredRequest(
             request_id=self.request_id,
             user_id=self.caller.user_id,
@@ -127,7 +147,9 @@ class Exchange:
             api_key_id=self.caller.key_id,
             api_key_label=self.caller.key_label,
             limits=self.caller.limits,
-            ending=len(_recording.get(self.caller.user_id, ())),
+            ending=ending,
+            ending_cost=ending_cost,
+            ending_key_cost=ending_key_cost,
         )
 
     async def admit(self) -> AdmissionResult:
@@ -234,7 +256,7 @@ class Exchange:
         """
         self._count(-1)
         draft = self.draft(outcome, capture, error, cost_unknown=cost_unknown)
-        task = _start_record(draft.user_id, self._record(draft))
+        task = _start_record(draft, self._record(draft))
         if not _serving_loop.get():
             await asyncio.shield(task)
 

@@ -149,10 +149,15 @@ class MeteredRequest:
     api_key_id: int | None = None
     api_key_label: str = ""
     limits: KeyLimits | None = None
-    #: The caller's requests on this worker that have ended but whose records
-    #: are still being written: they hold no upstream call any more, so a
-    #: bound on requests in flight should not count them.
+    #: The caller's requests on this worker that have ended, with a reported
+    #: cost, but whose records are still being written: they hold no upstream
+    #: call any more, so a bound on requests in flight should not count them.
+    #: Their costs are not in the books yet: a meter that lets them out of
+    #: its bound counts ``ending_cost`` (``ending_key_cost`` of them through
+    #: this key) as spent already, so that they overspend nothing.
     ending: int = 0
+    ending_cost: Decimal = Decimal(0)
+    ending_key_cost: Decimal = Decimal(0)
 
 
 class Admission(enum.Enum):

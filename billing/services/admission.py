@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from billing.conf import billing_settings
 from billing.models import CreditAccount, KeyMeter, OpenRequest
-from billing.money import to_units
+from billing.money import from_units, to_units
 from billing.services._sql import (
     _insert_returning_pk,
     _prepared,
@@ -65,6 +65,8 @@ def admit_request(
     detailed: Literal[False] = False,
     trace: dict[str, Any] | None = None,
     ending: int = 0,
+    unrecorded: Decimal = Decimal(0),
+    key_unrecorded: Decimal = Decimal(0),
 ) -> Admission: ...
 
 
@@ -77,6 +79,8 @@ def admit_request(
     detailed: Literal[True],
     trace: dict[str, Any] | None = None,
     ending: int = 0,
+    unrecorded: Decimal = Decimal(0),
+    key_unrecorded: Decimal = Decimal(0),
 ) -> AdmissionResult: ...
 
 
@@ -88,6 +92,8 @@ def admit_request(
     detailed: bool = False,
     trace: dict[str, Any] | None = None,
     ending: int = 0,
+    unrecorded: Decimal = Decimal(0),
+    key_unrecorded: Decimal = Decimal(0),
 ) -> Admission | AdmissionResult:
     """Admit one billed request of a user, through one of their keys.
 
@@ -98,15 +104,19 @@ def admit_request(
 
     ``ending`` is how many of the user's requests have ended while their
     records are still being written: their slots are not yet given back, but
-    no longer in use, so the bound is raised by as many.
+    no longer in use, so the bound is raised by as many. What they will be
+    charged is not in the books yet: ``unrecorded`` (``key_unrecorded`` of
+    it through this key) counts as spent already, against the balance and
+    the key's caps, so letting them out of the bound overspends nothing.
     """
     bound = in_flight_bound(ending)
+    held = Held(to_units(unrecorded), to_units(key_unrecorded))
     gate = key_gate(key_id, limits)
     if gate is None:
-        admission, traced = _admit_user(user_id, trace, bound)
+        admission, traced = _admit_user(user_id, trace, bound, held.balance)
         result = AdmissionResult(admission)
     else:
-        result, traced = _admit_key(user_id, *gate, bound), False
+        result, traced = _admit_key(user_id, *gate, bound, held), False
     if trace is not None and result.admitted and not traced:
         _write_trace(trace)
     return result if detailed else result.admission
@@ -122,6 +132,16 @@ def _write_trace(trace: dict[str, Any]) -> None:
             _insert_returning_pk(OpenRequest, trace)
     except DatabaseError:
         logger.warning("could not write the trace of request %s", trace.get("request_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What ended requests will be charged, not yet in the books (pico-dollars)."""
+
+    #: Of the user's balance.
+    balance: int = 0
+    #: Of the key's spend.
+    key: int = 0
 
 
 def in_flight_bound(ending: int) -> int:
@@ -144,7 +164,9 @@ def _has_limits(limits: KeyLimitsLike) -> bool:
     )
 
 
-def _admit_user(user_id: int, trace: dict[str, Any] | None, bound: int) -> tuple[Admission, bool]:
+def _admit_user(
+    user_id: int, trace: dict[str, Any] | None, bound: int, held: int = 0
+) -> tuple[Admission, bool]:
     """Take one in-flight slot for the user if they have credit and a free slot.
 
     One conditional ``UPDATE``: row locking makes it exact across processes
@@ -157,7 +179,7 @@ def _admit_user(user_id: int, trace: dict[str, Any] | None, bound: int) -> tuple
     PostgreSQL the request's write-ahead ``trace`` rides in the same statement
     (inserted only if the slot was taken); the answer says whether it did.
     """
-    statement = user_admission(user_id, trace, bound, connection.vendor == "postgresql")
+    statement = user_admission(user_id, trace, bound, connection.vendor == "postgresql", held=held)
     with hot_cursor() as cursor:
         cursor.execute(statement.sql, statement.params)
         if cursor.rowcount:
@@ -176,10 +198,11 @@ class UserAdmission:
     traced: bool
     #: After a refusal: the user's balance, to tell why.
     balance_sql: str
+    #: Of the balance, what ended requests will be charged (pico-dollars).
+    held: int = 0
 
-    @staticmethod
-    def refusal(balance_row: Any) -> Admission:
-        if balance_row is None or balance_row[0] <= 0:
+    def refusal(self, balance_row: Any) -> Admission:
+        if balance_row is None or balance_row[0] <= self.held:
             return Admission.NO_CREDIT
         return Admission.TOO_MANY_IN_FLIGHT
 
@@ -190,11 +213,13 @@ def user_admission(
     bound: int,
     with_trace: bool,
     on: BaseDatabaseWrapper | None = None,
+    held: int = 0,
 ) -> UserAdmission:
     """The one statement admitting a request of a user (and writing its trace if asked).
 
     ``on`` is the database wrapper whose vendor and value adapters build it
-    (``django.db.connection`` by default).
+    (``django.db.connection`` by default); the balance must stay above
+    ``held`` (pico-dollars, see :class:`Held`).
     """
     on = on or connection
     now = timezone.now()
@@ -203,13 +228,13 @@ def user_admission(
     lease_end = ops.adapt_datetimefield_value(
         now + timedelta(seconds=billing_settings.IN_FLIGHT_LEASE)
     )
-    params = [now_value, lease_end, user_id, bound, now_value]
+    params = [now_value, lease_end, user_id, held, bound, now_value]
     trace_fields = None
     if trace is not None and with_trace:
         trace_fields = tuple(trace)
         params += _prepared(OpenRequest, trace, on)[1]
     take_slot, balance_sql = _admission_sql(on.vendor, trace_fields)
-    return UserAdmission(take_slot, params, trace_fields is not None, balance_sql)
+    return UserAdmission(take_slot, params, trace_fields is not None, balance_sql, held)
 
 
 @functools.cache
@@ -220,7 +245,7 @@ def _admission_sql(vendor: str, trace_fields: tuple[str, ...] | None) -> tuple[s
     take_slot = (
         f"UPDATE {table} SET {in_flight} = CASE WHEN {expires} < %s THEN 1 "  # noqa: S608
         f"ELSE {in_flight} + 1 END, {expires} = %s "
-        f"WHERE {column('user')} = %s AND {column('balance')} > 0 "
+        f"WHERE {column('user')} = %s AND {column('balance')} > %s "
         f"AND ({in_flight} < %s OR {expires} < %s)"
     )
     if trace_fields is not None:
@@ -234,7 +259,9 @@ def _admission_sql(vendor: str, trace_fields: tuple[str, ...] | None) -> tuple[s
     return take_slot, balance_sql
 
 
-def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> AdmissionResult:
+def _admit_key(
+    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int, held: Held = Held()
+) -> AdmissionResult:
     """Admit a request of a key with limits: the user's gate and the key's, atomically.
 
     One statement on PostgreSQL (one transaction of two on SQLite, whose
@@ -257,9 +284,9 @@ def _admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> 
     if rate is not None and not 1 <= rate <= MAX_REQUESTS_PER_MINUTE:
         raise ValueError(f"requests_per_minute must be 1 to {MAX_REQUESTS_PER_MINUTE}: {rate}")
     for _ in range(_ADMISSION_TRIES):
-        if _try_admit_key(user_id, key_id, limits, bound):
+        if _try_admit_key(user_id, key_id, limits, bound, held):
             return AdmissionResult(Admission.ADMITTED)
-        refusal = _key_refusal(user_id, key_id, limits, bound)
+        refusal = _key_refusal(user_id, key_id, limits, bound, held)
         if refusal is not None:
             return refusal
     # Every try lost a race with the key's other requests: busy, retry shortly.
@@ -284,8 +311,13 @@ def _stamp_sql(now_ms: str, previous: str) -> str:
     return f"printf('%%0{STAMP}d', max({now_ms}, {previous}))"
 
 
-def _key_sql(key_id: int, limits: KeyLimitsLike, prefix: str, today: Any) -> tuple[str, list[Any]]:
-    """The key's conditions on its meter row (columns prefixed by ``prefix``)."""
+def _key_sql(
+    key_id: int, limits: KeyLimitsLike, prefix: str, today: Any, held: int = 0
+) -> tuple[str, list[Any]]:
+    """The key's conditions on its meter row (columns prefixed by ``prefix``).
+
+    ``held`` (pico-dollars) of the key's spend is not in its meter yet.
+    """
     _, column = _sql_names(KeyMeter)
 
     def col(name: str) -> str:
@@ -295,11 +327,11 @@ def _key_sql(key_id: int, limits: KeyLimitsLike, prefix: str, today: Any) -> tup
     params: list[Any] = [key_id]
     if limits.spend_limit is not None:
         parts.append(f"{col('spent')} < %s")
-        params.append(to_units(limits.spend_limit))
+        params.append(to_units(limits.spend_limit) - held)
     if limits.daily_spend_limit is not None:
         day = col("spent_day")
         parts.append(f"({day} IS NULL OR {day} <> %s OR {col('spent_today')} < %s)")
-        params += [today, to_units(limits.daily_spend_limit)]
+        params += [today, to_units(limits.daily_spend_limit) - held]
     if limits.requests_per_minute is not None:
         times, oldest = col("rate_times"), col("rate_next")
         parts.append(
@@ -311,7 +343,9 @@ def _key_sql(key_id: int, limits: KeyLimitsLike, prefix: str, today: Any) -> tup
     return " AND ".join(parts), params
 
 
-def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int) -> bool:
+def _try_admit_key(
+    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int, held: Held
+) -> bool:
     ops = connection.ops
     now = timezone.now()
     now_value = ops.adapt_datetimefield_value(now)
@@ -322,11 +356,11 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int)
     account_table, account = _sql_names(CreditAccount)
     meter_table, meter = _sql_names(KeyMeter)
     in_flight, expires = account("in_flight"), account("in_flight_expires_at")
-    precheck, precheck_params = _key_sql(key_id, limits, "k.", today)
+    precheck, precheck_params = _key_sql(key_id, limits, "k.", today, held.key)
     take_slot = (
         f"UPDATE {account_table} SET {in_flight} = CASE WHEN {expires} < %s THEN 1 "  # noqa: S608
         f"ELSE {in_flight} + 1 END, {expires} = %s "
-        f"WHERE {account('user')} = %s AND {account('balance')} > 0 "
+        f"WHERE {account('user')} = %s AND {account('balance')} > %s "
         f"AND ({in_flight} < %s OR {expires} < %s) "
         f"AND EXISTS (SELECT 1 FROM {meter_table} k WHERE {precheck})"
     )
@@ -334,6 +368,7 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int)
         now_value,
         lease_end,
         user_id,
+        held.balance,
         bound,
         now_value,
         *precheck_params,
@@ -362,7 +397,7 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int)
         )
         sets.append(f"{oldest} = CASE WHEN {oldest} + 1 >= %s THEN 0 ELSE {oldest} + 1 END")
         set_params += [rate, rate]
-    condition, condition_params = _key_sql(key_id, limits, "", today)
+    condition, condition_params = _key_sql(key_id, limits, "", today, held.key)
     advance = f"UPDATE {meter_table} SET {', '.join(sets)} WHERE {condition}"  # noqa: S608
     advance_params = [*set_params, *condition_params]
 
@@ -403,7 +438,7 @@ def _try_admit_key(user_id: int, key_id: int, limits: KeyLimitsLike, bound: int)
 
 
 def _key_refusal(
-    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int
+    user_id: int, key_id: int, limits: KeyLimitsLike, bound: int, held: Held
 ) -> AdmissionResult | None:
     """Why a key's request was refused, or ``None`` to try again."""
     now = timezone.now()
@@ -412,7 +447,7 @@ def _key_refusal(
         .values_list("balance", "in_flight", "in_flight_expires_at")
         .first()
     )
-    if account is None or account[0] <= 0:
+    if account is None or account[0] <= from_units(held.balance):
         return AdmissionResult(Admission.NO_CREDIT)
     meter = (
         KeyMeter.objects.filter(api_key_id=key_id)
@@ -427,13 +462,14 @@ def _key_refusal(
         )
         return None
     spent, spent_today, spent_day, times, oldest = meter
-    if limits.spend_limit is not None and spent >= limits.spend_limit:
+    key_held = from_units(held.key)
+    if limits.spend_limit is not None and spent + key_held >= limits.spend_limit:
         return AdmissionResult(Admission.KEY_SPEND_LIMIT)
     today = _utc_day(now)
     if (
         limits.daily_spend_limit is not None
         and spent_day == today
-        and spent_today >= limits.daily_spend_limit
+        and spent_today + key_held >= limits.daily_spend_limit
     ):
         midnight = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
         return AdmissionResult(

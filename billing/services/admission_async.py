@@ -137,12 +137,12 @@ def _connections() -> _Connections:
 
 
 async def admit_user(
-    user_id: int, trace: dict[str, Any] | None, bound: int
+    user_id: int, trace: dict[str, Any] | None, bound: int, held: int = 0
 ) -> tuple[Admission, bool]:
     """:func:`billing.services.admission._admit_user`, awaited on the event loop."""
-    statement = user_admission(user_id, trace, bound, with_trace=True, on=_offline())
-    async with _connections().connection() as held:
-        cursor = held.cursor()
+    statement = user_admission(user_id, trace, bound, with_trace=True, on=_offline(), held=held)
+    async with _connections().connection() as kept:
+        cursor = kept.cursor()
         await cursor.execute(
             statement.sql, statement.params, prepare=billing_settings.PREPARED_STATEMENTS
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import timedelta
 from decimal import Decimal
@@ -17,6 +18,7 @@ from billing.models import (
     CostSource,
     CreditAccount,
     CreditLedgerEntry,
+    KeyMeter,
     LedgerKind,
     ModelPrice,
     Outcome,
@@ -239,6 +241,63 @@ def test_slots_of_requests_still_being_recorded_do_not_count(
     assert admit(1) is Admission.TOO_MANY_IN_FLIGHT
     assert admit(2) is Admission.ADMITTED
     assert CreditAccount.objects.get(user_id=uid).in_flight == 3
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["user", "key-with-limits"])
+def test_what_ending_requests_will_be_charged_counts_as_spent(
+    account: Account, settings: Any, limited: bool
+) -> None:
+    """Let out of the bound, they overspend nothing: their charges count against the balance."""
+    from openrouter_proxy.callers import KeyLimits
+
+    settings.BILLING_MAX_IN_FLIGHT = 1
+    uid = account.user.pk
+    balance = balance_of(account.user)  # 10 USD
+    key, limits = (account.key.pk, KeyLimits(requests_per_minute=100)) if limited else (None, None)
+
+    def admit(unrecorded: str) -> Admission:
+        return admit_request(uid, key, limits, ending=1, unrecorded=Decimal(unrecorded))
+
+    assert admit(str(balance)) is Admission.NO_CREDIT
+    assert admit("10.000000000001") is Admission.NO_CREDIT
+    assert admit("9.999999999999") is Admission.ADMITTED
+    assert CreditAccount.objects.get(user_id=uid).in_flight == 1
+
+
+@pytest.mark.parametrize("cap", ["spend_limit", "daily_spend_limit"])
+def test_what_ending_requests_will_be_charged_counts_against_the_key_s_caps(
+    account: Account, cap: str
+) -> None:
+    from openrouter_proxy.callers import KeyLimits
+
+    uid, key = account.user.pk, account.key.pk
+    limits = (
+        KeyLimits(spend_limit=Decimal("1"))
+        if cap == "spend_limit"
+        else KeyLimits(daily_spend_limit=Decimal("1"))
+    )
+    assert admit_request(uid, key, limits) is Admission.ADMITTED
+    half = draft(account, cost=Decimal("0.5"), generation_id="gen-half")
+    record_usage(dataclasses.replace(half, api_key_id=key))
+    assert KeyMeter.objects.get(api_key_id=key).spent == Decimal("0.5")
+    refused = Admission.KEY_SPEND_LIMIT if cap == "spend_limit" else Admission.KEY_DAILY_SPEND_LIMIT
+
+    def admit(key_unrecorded: str) -> Admission:
+        return admit_request(
+            uid,
+            key,
+            limits,
+            ending=1,
+            unrecorded=Decimal(key_unrecorded),
+            key_unrecorded=Decimal(key_unrecorded),
+        )
+
+    assert admit("0.5") is refused  # 0.5 spent and 0.5 on its way: the cap is reached
+    assert admit("0.499999999999") is Admission.ADMITTED
+    # Another key's ending requests weigh on the balance only, not on this key's caps.
+    assert (
+        admit_request(uid, key, limits, ending=1, unrecorded=Decimal("0.5")) is Admission.ADMITTED
+    )
 
 
 def test_no_credit_means_no_admission(db: None) -> None:

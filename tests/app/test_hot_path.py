@@ -23,6 +23,7 @@ from openrouter_proxy.callers import (
 )
 from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
 from tests.support.servers import wait_until
+from tests.support.waiting import wait_for
 
 CHAT = {"model": "x-ai/grok-code-fast-1", "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -319,6 +320,47 @@ def test_a_caller_at_its_bound_goes_on_while_its_last_request_is_recorded(
         refused = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
         assert refused.status_code == 429, refused.text
         streaming.read()
+
+
+def test_a_caller_let_past_its_bound_cannot_spend_what_its_ended_requests_will_be_charged(
+    gateway: Gateway, live_account: Account, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ended request's charge is not in the books yet: it counts against the balance."""
+    import threading
+
+    from billing.meter import BillingMeter
+    from billing.models import LedgerKind
+    from billing.services import grant_credits
+
+    settings.BILLING_MAX_IN_FLIGHT = 1
+    url = f"{gateway.proxy}/v1/chat/completions"
+    user = live_account.user
+    probe = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+    assert probe.status_code == 200, probe.text
+    cost = bill(json.loads(probe.content, parse_float=Decimal)["usage"]["cost"])
+    wait_for(lambda: UsageRecord.objects.count() == 1, "the record of the probe")
+    # Exactly one more request's worth of credit.
+    grant_credits(user, cost - balance_of(user), kind=LedgerKind.ADJUSTMENT, note="test")
+    gate, real = threading.Event(), BillingMeter.record
+
+    def held(self: BillingMeter, draft: Any) -> Any:
+        assert gate.wait(timeout=20), "the test never let the record through"
+        return real(self, draft)
+
+    monkeypatch.setattr(BillingMeter, "record", held)
+    try:
+        first = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+        assert first.status_code == 200, first.text
+        # Its slot no longer counts, but its charge does: nothing is left to spend.
+        refused = httpx.post(url, json=CHAT, headers=live_account.headers, timeout=10)
+        assert refused.status_code == 402, refused.text
+        assert refused.json()["error"]["code"] == "insufficient_credits"
+    finally:
+        gate.set()
+    wait_for(lambda: UsageRecord.objects.count() == 2, "the record of the first")
+    assert balance_of(user) == 0
+    assert CreditAccount.objects.get(user=user).in_flight == 0
+    assert check_ledger() == []
 
 
 @pytest.mark.parametrize("below", [8, 0], ids=["idle-worker-on-the-loop", "busy-worker-in-threads"])
