@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 
+import msgspec
+
 from openrouter_proxy.endpoints import Reader
 from openrouter_proxy.metering import ReportedUsage
 
@@ -189,10 +191,25 @@ def _anthropic_usage_from(raw: dict[str, Any], earlier: ReportedUsage | None) ->
     )
 
 
+#: A strict RFC 8259 parser (UTF-8 only), money kept exact.
+_STRICT_JSON = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def _loads(text: bytes | bytearray) -> object:
-    """Parse JSON with money kept exact; raises ``ValueError``/``RecursionError``."""
-    # Invalid UTF-8 (say, a broken character inside some content) is replaced
-    # rather than fatal: the billing facts around it are still good.
+    """Parse JSON with money kept exact; raises ``ValueError``/``RecursionError``.
+
+    msgspec's parser goes first: on an answer or a stream event it costs about
+    a seventh of the standard one, and where it accepts the two agree (numbers
+    with a fraction or an exponent become ``Decimal``, the last of duplicated
+    members wins). What it refuses is parsed again leniently.
+    """
+    try:
+        return _STRICT_JSON.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    # Invalid UTF-8 (say, a broken character inside some content), a
+    # byte-order mark, a lone surrogate or NaN are accepted here rather than
+    # fatal: the billing facts around them are still good.
     return json.loads(text.decode("utf-8-sig", "replace"), parse_float=Decimal)
 
 

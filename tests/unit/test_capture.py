@@ -778,15 +778,17 @@ def test_long_comment_and_other_fields_are_not_buffered() -> None:
 def test_many_small_events_in_tiny_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     # No timing: correctness over a long stream fed 7 bytes at a time, and proof
     # that content chunks are skipped without being parsed.
+    from openrouter_proxy import capture as capture_module
+
     loads_calls = 0
-    real_loads = json.loads
+    real_loads = capture_module._loads
 
     def counting_loads(*args: Any, **kwargs: Any) -> Any:
         nonlocal loads_calls
         loads_calls += 1
         return real_loads(*args, **kwargs)
 
-    monkeypatch.setattr(json, "loads", counting_loads)
+    monkeypatch.setattr(capture_module, "_loads", counting_loads)
     content = b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\n\n'
     stream = (
         sse(chunk("first"))
@@ -921,3 +923,52 @@ def test_capture_for(content_type: str | None, kind: type) -> None:
     assert isinstance(capture, kind)
     assert isinstance(capture, UsageCapture)
     assert capture.result().usage.generation_id == "gen-header"
+
+
+# --- The JSON parser under the captures -------------------------------------------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _lenient(text: bytes) -> object:
+    return json.loads(text.decode("utf-8-sig", "replace"), parse_float=Decimal)
+
+
+@given(_json_values, st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_the_fast_json_parser_reads_every_document_as_the_lenient_one(
+    value: Any, ascii_only: bool
+) -> None:
+    from openrouter_proxy.capture import _loads
+
+    # Numbers with fractions and exponents (1e-07, 2.5e+16) as an upstream writes costs.
+    text = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    assert _loads(text) == _lenient(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'\xef\xbb\xbf{"usage": {"cost": 0.5}}',  # a byte-order mark
+        b'{"usage": {"cost": 0.5}, "note": "\\ud800"}',  # a lone surrogate
+        b'{"usage": {"cost": 0.5}, "note": "caf\xe9"}',  # not UTF-8
+        b'{"usage": {"cost": 0.5}, "x": NaN}',  # not JSON, but Python's parser takes it
+    ],
+)
+def test_what_the_fast_parser_refuses_is_read_leniently(text: bytes) -> None:
+    from openrouter_proxy.capture import _loads
+
+    parsed = _loads(text)
+    assert isinstance(parsed, dict)
+    assert parsed["usage"]["cost"] == Decimal("0.5")
+    assert str(parsed) == str(_lenient(text))
