@@ -236,18 +236,33 @@ async def _until_disconnected(receive: Receive) -> None:
 
 
 async def _send_relayed(response: RelayedResponse, send: Send) -> None:
-    """Send a relayed answer: its headers, then each upstream chunk as it comes."""
+    """Send a relayed answer: its headers, then each upstream chunk as it comes.
+
+    The last chunk, when the transport can tell it is the last, goes out as the
+    response's end (one write for it and the end of a chunked body, not two),
+    once the relay has ended: a server ends the exchange with its last
+    message, and the relay's end (its record) must not be taken for a client
+    that left.
+    """
     headers = [(name.encode("ascii"), value.encode("latin-1")) for name, value in response.items()]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    chunks = response.chunks
+    chunks, ended = response.chunks, response.ended
+    last = b""
     try:
         async for chunk in chunks:
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not chunk:
+                continue
+            if last:  # not the last after all
+                await send({"type": "http.response.body", "body": last, "more_body": True})
+                last = b""
+            if ended is not None and ended():
+                last = chunk  # the relay's next step is its end
+                continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
         # Ends the relay now, whatever stopped the loop (its record included).
         await chunks.aclose()
-    await send({"type": "http.response.body"})
+    await send({"type": "http.response.body", "body": last})
 
 
 def _error_status(error: Exception) -> tuple[int, str, str]:

@@ -124,9 +124,17 @@ class RelayedResponse(StreamingHttpResponse):
     chunk, without Django's per-chunk wrappers.
     """
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None], status: int) -> None:
+    def __init__(
+        self,
+        chunks: AsyncGenerator[bytes, None],
+        status: int,
+        ended: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__(chunks, status=status)
         self.chunks = chunks
+        #: Whether the upstream's answer has arrived whole and been handed over
+        #: (so the chunk just read is the last), where the transport can tell.
+        self.ended = ended
 
 
 def _attribution() -> dict[str, str]:
@@ -182,7 +190,13 @@ async def forward(
     content_type = upstream.headers.get("content-type", "")
     is_sse = content_type.lower().startswith(SSE_CONTENT_TYPE)
     capture = capture_for(content_type, generation_id, entry.reader) if exchange else None
-    streaming = RelayedResponse(relay(upstream, exchange, capture, is_sse), upstream.status_code)
+    raw = upstream.headers.get("content-encoding", "identity").lower() == "identity"
+    streaming = RelayedResponse(
+        relay(upstream, exchange, capture, is_sse),
+        upstream.status_code,
+        # Relayed as read (not decoded): what the stream says is what the client gets.
+        ended=getattr(upstream.stream, "ended", None) if raw else None,
+    )
     for name, value in client_response_headers(
         (name.decode("latin-1").lower(), value.decode("latin-1"))
         for name, value in upstream.headers.raw

@@ -290,6 +290,13 @@ class _Body(httpx.AsyncByteStream):
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
+    def ended(self) -> bool:
+        """Whether the answer has arrived whole and every byte of it been handed over."""
+        connection = self._connection
+        return connection is None or (
+            connection.complete and not connection.chunks and connection.error is None
+        )
+
     async def __anext__(self) -> bytes:
         connection = self._connection
         if connection is None:

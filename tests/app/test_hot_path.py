@@ -363,6 +363,72 @@ def test_a_caller_let_past_its_bound_cannot_spend_what_its_ended_requests_will_b
     assert check_ledger() == []
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
+def test_the_last_chunk_goes_out_as_the_end_once_the_relay_has_ended(
+    live_account: Account, fake: Any, settings: Any, stream: bool
+) -> None:
+    """Driven as a server drives it: the end rides on the last chunk; the record says completed."""
+    from terragon.asgi import application
+
+    settings.OPENROUTER_PROXY_BASE_URL = fake.base_url
+    body = json.dumps({**CHAT, "stream": stream}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/proxy/openrouter/v1/chat/completions",
+        "raw_path": b"/api/proxy/openrouter/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-daemon-token", live_account.token.encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def drive() -> None:
+        over = asyncio.Event()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await over.wait()  # as uvicorn does: the exchange is over once the response is
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                over.set()
+
+        await application(scope, receive, send)
+        from openrouter_proxy.settlement import drain
+
+        await drain(10)
+
+    asyncio.run(drive())
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert sent[0]["status"] == 200
+    assert [m.get("more_body", False) for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    assert bodies[-1]["body"]  # the last chunk itself, not an empty end
+    whole = b"".join(m["body"] for m in bodies)
+    if stream:
+        assert whole.rstrip().endswith(b"data: [DONE]")
+    else:
+        assert json.loads(whole)["usage"]["cost"] > 0
+    record = UsageRecord.objects.get()
+    assert record.outcome == Outcome.COMPLETED
+    assert record.billed > 0
+    assert check_ledger() == []
+
+
 @pytest.mark.parametrize("below", [8, 0], ids=["idle-worker-on-the-loop", "busy-worker-in-threads"])
 def test_admission_runs_on_the_loop_only_while_the_worker_is_not_busy(
     gateway: Gateway, live_account: Account, monkeypatch: pytest.MonkeyPatch, below: int
