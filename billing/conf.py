@@ -1,29 +1,36 @@
-"""Billing's settings, read lazily from Django settings (prefix ``BILLING_``)."""
+"""Billing's settings, read lazily from Django settings (prefix ``BILLING_``).
+
+Each is read on first use and remembered until a setting changes, as the
+proxy's are (``openrouter_proxy.conf``).
+"""
 
 from __future__ import annotations
 
 from decimal import Decimal
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+
+from openrouter_proxy.conf import remembered_until_settings_change
 
 
 class BillingSettings:
     def _get(self, name: str, default: Any) -> Any:
         return getattr(settings, f"BILLING_{name}", default)
 
-    @property
+    @cached_property
     def MARKUP(self) -> Decimal:
         """Billed amount = provider cost * MARKUP."""
         return Decimal(str(self._get("MARKUP", "1")))
 
-    @property
+    @cached_property
     def MAX_IN_FLIGHT(self) -> int:
         """Requests one user may have in flight at once (the overspend bound)."""
         return int(self._get("MAX_IN_FLIGHT", 8))
 
-    @property
+    @cached_property
     def ADMISSION_CONNECTIONS(self) -> int:
         """Database connections per serving event loop for admissions on the loop.
 
@@ -33,7 +40,7 @@ class BillingSettings:
         """
         return int(self._get("ADMISSION_CONNECTIONS", 8))
 
-    @property
+    @cached_property
     def PREPARED_STATEMENTS(self) -> bool:
         """Whether the statements of every request are prepared on PostgreSQL.
 
@@ -43,7 +50,7 @@ class BillingSettings:
         """
         return self._get("PREPARED_STATEMENTS", True)  # type: ignore[no-any-return]
 
-    @property
+    @cached_property
     def IN_FLIGHT_LEASE(self) -> int:
         """Seconds after which an idle user's in-flight count is presumed stale.
 
@@ -52,12 +59,12 @@ class BillingSettings:
         """
         return int(self._get("IN_FLIGHT_LEASE", 1800))
 
-    @property
+    @cached_property
     def WORKER_HEARTBEAT(self) -> float:
         """Seconds between two heartbeats of a serving worker."""
         return float(self._get("WORKER_HEARTBEAT", 10))
 
-    @property
+    @cached_property
     def WORKER_STALE_AFTER(self) -> float:
         """Seconds without a heartbeat after which a worker is presumed dead.
 
@@ -67,7 +74,7 @@ class BillingSettings:
         """
         return float(self._get("WORKER_STALE_AFTER", 30))
 
-    @property
+    @cached_property
     def RATE_WINDOW_SECONDS(self) -> int:
         """The window of a key's request rate: at most N admitted in any such window.
 
@@ -75,27 +82,28 @@ class BillingSettings:
         """
         return int(self._get("RATE_WINDOW_SECONDS", 60))
 
-    @property
+    @cached_property
     def CREDITS_LOW_THRESHOLD(self) -> Decimal:
         return Decimal(str(self._get("CREDITS_LOW_THRESHOLD", "5")))
 
-    @property
+    @cached_property
     def SPOOL_DIR(self) -> Path:
         """Where charges that could not reach the database wait to be replayed."""
         return Path(self._get("SPOOL_DIR", Path(settings.BASE_DIR) / "var" / "spool"))
 
-    @property
+    @cached_property
     def RECORD_ATTEMPTS(self) -> int:
         return int(self._get("RECORD_ATTEMPTS", 3))
 
-    @property
+    @cached_property
     def RECORD_RETRY_DELAY(self) -> float:
         return float(self._get("RECORD_RETRY_DELAY", 0.2))
 
-    @property
+    @cached_property
     def KEY_ADMIN(self) -> str:
         """The host's API key model (``"app_label.Model"``) the admin links to; empty: none."""
         return str(self._get("KEY_ADMIN", "") or "")
 
 
 billing_settings = BillingSettings()
+remembered_until_settings_change(billing_settings)

@@ -201,3 +201,25 @@ def test_a_host_without_a_verifier_gets_a_check_error_not_a_crash(settings: Any)
     del settings.OPENROUTER_PROXY_KEY_VERIFIER
     with pytest.raises(SystemCheckError, match=r"openrouter_proxy\.E002.*is not set"):
         call_command("check")
+
+
+def test_settings_are_read_once_and_forgotten_when_a_setting_changes(settings: Any) -> None:
+    from django.test import override_settings
+
+    from billing.conf import billing_settings
+    from openrouter_proxy.conf import proxy_settings
+
+    settings.OPENROUTER_PROXY_MAX_BODY_BYTES = 123
+    assert proxy_settings.MAX_BODY_BYTES == 123
+    assert vars(proxy_settings)["MAX_BODY_BYTES"] == 123  # remembered
+    with override_settings(OPENROUTER_PROXY_MAX_BODY_BYTES=456):
+        assert proxy_settings.MAX_BODY_BYTES == 456
+    assert proxy_settings.MAX_BODY_BYTES == 123
+    settings.BILLING_MAX_IN_FLIGHT = 3
+    assert billing_settings.MAX_IN_FLIGHT == 3
+    settings.BILLING_MAX_IN_FLIGHT = 4  # any setting's change forgets every remembered one
+    assert billing_settings.MAX_IN_FLIGHT == 4
+    settings.OPENROUTER_PROXY_MAX_BODY_BYTES = "lots"
+    with pytest.raises(ValueError, match="invalid literal"):
+        proxy_settings.MAX_BODY_BYTES  # noqa: B018
+    assert "MAX_BODY_BYTES" not in vars(proxy_settings)  # a value that fails is not kept
