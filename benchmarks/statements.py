@@ -40,17 +40,24 @@ def record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any
 
 
 def watch_the_loops_cursor() -> None:
-    """Note each statement the event loop sends through psycopg's asynchronous cursor."""
+    """Note each statement the event loop sends through psycopg's asynchronous cursors.
+
+    Both kinds: the server-binding one (prepared statements, the default) and
+    the client-binding one (``BILLING_PREPARED_STATEMENTS = False``).
+    """
     import psycopg
 
-    real = psycopg.AsyncClientCursor.execute
+    def watched(real: Any) -> Any:
+        async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            with lock:
+                statements.append((time.perf_counter(), str(query)))
+            return await real(self, query, *args, **kwargs)
 
-    async def execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            statements.append((time.perf_counter(), str(query)))
-        return await real(self, query, *args, **kwargs)
+        return execute
 
-    psycopg.AsyncClientCursor.execute = execute  # type: ignore[method-assign]
+    for kind in (psycopg.AsyncCursor, psycopg.AsyncClientCursor):
+        if "execute" in vars(kind):  # once for a method the other inherits
+            kind.execute = watched(kind.execute)  # type: ignore[method-assign]
 
 
 def install(sender: Any, connection: Any, **kwargs: Any) -> None:
