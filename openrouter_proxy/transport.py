@@ -36,6 +36,7 @@ import httpx
 from yarl import URL
 
 from openrouter_proxy.upstream import without_body
+from openrouter_proxy.wire import take_slot
 
 
 @contextmanager
@@ -96,28 +97,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         limit = limits.max_connections
         self._slots = asyncio.Semaphore(limit) if limit else None
 
-    async def _take_slot(self, request: httpx.Request, wait: float | None) -> Callable[[], None]:
-        """Wait up to ``wait`` seconds for a connection slot; returns its (idempotent) release."""
-        slots = self._slots
-        if slots is None:
-            return lambda: None
-        try:
-            async with asyncio.timeout(wait):
-                await slots.acquire()
-        except TimeoutError as error:
-            raise httpx.PoolTimeout(
-                "no free connection to the upstream", request=request
-            ) from error
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                slots.release()
-
-        return release
-
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(
@@ -137,7 +116,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts: dict[str, Any] = request.extensions.get("timeout", {})
-        # The pool wait is bounded here (see _take_slot); aiohttp's own connect
+        # The pool wait is bounded here (see wire.take_slot); aiohttp's own connect
         # timeout then only covers resolving and connecting.
         timeout = aiohttp.ClientTimeout(
             total=None,
@@ -146,7 +125,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             sock_read=timeouts.get("read"),
         )
         body = request.content if request.content else None
-        release_slot = await self._take_slot(request, timeouts.get("pool"))
+        release_slot = await take_slot(self._slots, request, timeouts.get("pool"))
         try:
             with _httpx_errors(request, sent=False):
                 response = await self._get_session().request(

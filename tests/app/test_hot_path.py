@@ -21,6 +21,7 @@ from openrouter_proxy.callers import (
     verification_cache,
     verify_token,
 )
+from openrouter_proxy.exchange import on_serving_loop
 from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
 from tests.support.servers import wait_until
 from tests.support.waiting import wait_for
@@ -108,16 +109,26 @@ def test_the_cache_keeps_no_token_and_stays_bounded(key_cache: None) -> None:
     assert cache.get("tg_token_4") == (FRESH, None)
 
 
+@pytest.fixture
+def keys_remembered_for(settings: Any) -> Any:
+    """Set how long keys are remembered, starting from an empty cache."""
+
+    def remember(seconds: float) -> None:
+        settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = seconds
+        verification_cache.clear()
+
+    yield remember
+    verification_cache.clear()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_on_the_fast_path_a_key_past_its_time_goes_on_while_it_is_verified_again(
-    live_account: Account, settings: Any, verifications: list[str]
+    live_account: Account, keys_remembered_for: Any, verifications: list[str]
 ) -> None:
     """Past its time, within twice it: answered at once, verified beside; a revocation lands."""
     from openrouter_proxy import callers
-    from openrouter_proxy.exchange import on_serving_loop
 
-    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0.3
-    verification_cache.clear()
+    keys_remembered_for(0.3)
     token = live_account.token
 
     async def serving() -> list[Any]:
@@ -147,12 +158,9 @@ def test_on_the_fast_path_a_key_past_its_time_goes_on_while_it_is_verified_again
 
 @pytest.mark.django_db(transaction=True)
 def test_a_key_unused_for_twice_its_time_or_off_the_fast_path_is_verified_first(
-    live_account: Account, settings: Any, verifications: list[str]
+    live_account: Account, keys_remembered_for: Any, verifications: list[str]
 ) -> None:
-    from openrouter_proxy.exchange import on_serving_loop
-
-    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 0.2
-    verification_cache.clear()
+    keys_remembered_for(0.2)
     token = live_account.token
 
     async def serving() -> None:
