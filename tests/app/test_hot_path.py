@@ -416,10 +416,19 @@ def test_the_last_chunk_goes_out_as_the_end_once_the_relay_has_ended(
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 over.set()
 
+        # Inside the lifespan, as a server runs it: its shutdown waits for the record and
+        # closes what the request opened (the loop's database connections, the heartbeat).
+        lifespan: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        answers: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        running: asyncio.Task[None] = asyncio.create_task(
+            application({"type": "lifespan"}, lifespan.get, answers.put)  # type: ignore[arg-type]
+        )
+        await lifespan.put({"type": "lifespan.startup"})
+        assert (await answers.get())["type"] == "lifespan.startup.complete"
         await application(scope, receive, send)
-        from openrouter_proxy.settlement import drain
-
-        await drain(10)
+        await lifespan.put({"type": "lifespan.shutdown"})
+        assert (await answers.get())["type"] == "lifespan.shutdown.complete"
+        await running
 
     asyncio.run(drive())
     bodies = [m for m in sent if m["type"] == "http.response.body"]
