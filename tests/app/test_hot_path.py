@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
 
 from billing.models import CreditAccount, Outcome, Settlement, UsageRecord
 from billing.services import balance_of, bill, check_ledger
@@ -21,6 +20,7 @@ from openrouter_proxy.callers import (
     verification_cache,
     verify_token,
 )
+from openrouter_proxy.db import run_db
 from openrouter_proxy.exchange import on_serving_loop
 from tests.support.accounts import BROKEN_VERIFIER, Account, Gateway
 from tests.support.servers import wait_until
@@ -140,7 +140,7 @@ def test_on_the_fast_path_a_key_past_its_time_goes_on_while_it_is_verified_again
         await asyncio.gather(*callers._reverifying.values())  # the lookup beside it
         assert len(verifications) == 2
         answers.append(await verify_token(token))  # fresh again: no lookup
-        await sync_to_async(live_account.key.revoke)()
+        await run_db(live_account.key.revoke)  # the proxy's own database threads
         await asyncio.sleep(0.4)
         answers.append(await verify_token(token))  # the last one it goes on for
         await asyncio.gather(*callers._reverifying.values())
