@@ -177,6 +177,11 @@ async def verify_token(token: str) -> Caller | None:
             if isinstance(answer, str):
                 raise ApiKeyRejected(answer)
             return answer
+    return await _look_up(token, seconds)
+
+
+async def _look_up(token: str, seconds: float) -> Caller | None:
+    """Ask the verifier, and remember its answer (a caller or a refusal) for ``seconds``."""
     try:
         caller = await get_verifier()(token)
     except ApiKeyRejected as rejected:
@@ -208,16 +213,13 @@ def _verify_again_in_background(token: str, seconds: float) -> None:
 
 async def _verify_again(token: str, seconds: float) -> None:
     try:
-        caller = await get_verifier()(token)
-    except ApiKeyRejected as rejected:
-        verification_cache.put(token, str(rejected), seconds)
-        return
+        await _look_up(token, seconds)
+    except ApiKeyRejected:
+        pass  # remembered: the token's next request is refused
     except Exception:
         # The remembered answer runs out by itself; the next request then
         # verifies the token before going on, and answers the error.
         logger.warning("could not verify a remembered key again", exc_info=True)
-        return
-    verification_cache.put(token, caller, seconds)
 
 
 def extract_token(headers: Callable[[str], str | None]) -> str | None:
