@@ -40,6 +40,9 @@ class FleetResult:
     #: response's last byte received, for every turn started in the window
     #: (also those that ended while the fleet drained).
     durations: list[float] = field(default_factory=list)
+    #: Seconds from the same first byte to the response's head (status and
+    #: headers), for the same turns: the part of a turn before its stream.
+    heads: list[float] = field(default_factory=list)
     #: Turns still running when the drain limit cut them off.
     unfinished: int = 0
 
@@ -51,10 +54,12 @@ class FleetResult:
     def error_count(self) -> int:
         return sum(self.errors.values()) + self.unfinished
 
-    def percentile(self, fraction: float) -> float:
-        if not self.durations:
+    def percentile(self, fraction: float, of: list[float] | None = None) -> float:
+        """A percentile of the turns' durations (or of ``of``, e.g. :attr:`heads`)."""
+        values = self.durations if of is None else of
+        if not values:
             return float("nan")
-        ordered = sorted(self.durations)
+        ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
@@ -80,6 +85,7 @@ class _TurnProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.in_head = True
+        self.head_at = 0.0
         self.status = 0
         self.length: int | None = None
         self.chunked = False
@@ -165,6 +171,7 @@ class _TurnProtocol(asyncio.Protocol):
         del buffer[:position]
 
     def _head(self, head: bytes) -> None:
+        self.head_at = time.perf_counter()
         lines = head.split(b"\r\n")
         self.status = int(lines[0].split(b" ", 2)[1])
         self.in_head = False
@@ -229,6 +236,7 @@ async def _agent(
                 result.errors["stream without [DONE]"] += 1
             else:
                 result.durations.append(ended - started)
+                result.heads.append(protocol.head_at - started)
                 if ended <= deadline:
                     result.turns += 1
     except asyncio.CancelledError:

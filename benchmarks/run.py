@@ -298,6 +298,9 @@ class FleetFigures:
     workers: int
     #: The peak of the summed PSS (shared pages counted once in all).
     pss_peak_kib: int = 0
+    #: Time to the response's head (before the stream), p50 and p99.
+    head_p50_s: float = float("nan")
+    head_p99_s: float = float("nan")
 
     @property
     def kib_per_stream(self) -> float:
@@ -497,6 +500,8 @@ class Bench:
             worker_peak_kib=sampler.worker_peak_kib,
             workers=len(worker_pids(target.process.pid)),
             pss_peak_kib=sampler.pss_peak_kib,
+            head_p50_s=outcome.percentile(0.5, outcome.heads),
+            head_p99_s=outcome.percentile(0.99, outcome.heads),
         )
         settle(target.process.pid, 0.5 if args.short else 1.0, args.fleet_drain)
         return figures
@@ -855,6 +860,7 @@ class Report:
                         f"{_num(turns.rate)}{share}",
                         f"{_num(turns.p50_s, 2)} / {_num(turns.p99_s, 2)}",
                         added,
+                        f"{_ms(1000 * turns.head_p50_s)} / {_ms(1000 * turns.head_p99_s)}",
                         str(turns.errors),
                         _mb(turns.peak_kib),
                         _mb(turns.pss_peak_kib),
@@ -864,7 +870,8 @@ class Report:
         lines += [
             "",
             f"**Agent fleet** (concurrent streamed turns for {args.fleet_duration:g} s: "
-            f"{FLEET_PROMPT // 1000} KB prompts, 50 chunks 40 ms apart):",
+            f"{FLEET_PROMPT // 1000} KB prompts, 50 chunks 40 ms apart by the fake's clock; "
+            "to the head: until the response's status and headers):",
             "",
         ]
         lines += _table(
@@ -874,6 +881,7 @@ class Report:
                 "turns/s (of the fake's)",
                 "p50 / p99 s",
                 "added p50 / p99 ms",
+                "to the head p50 / p99 ms",
                 "errors",
                 "peak RSS MB",
                 "peak PSS MB",

@@ -402,6 +402,9 @@ class FakeMode:
     ``gzip`` and ``crlf``; ``reasoning``, ``cached``, ``pad`` and
     ``incomplete`` apply to the four text endpoints. Speech streams raw audio:
     ``chunks`` pieces, ``chunk-delay`` apart, ``cut`` after half of them.
+    A text stream's chunks are due ``chunk-delay`` apart from its first one,
+    by the clock, as a model's tokens are: one sent late because the fake's
+    process was busy does not delay those after it.
     """
 
     status: int | None = None
@@ -1286,15 +1289,18 @@ async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             return
 
 
-async def _sleep_unless_gone(gone: asyncio.Event, delay: float) -> bool:
-    """Sleep ``delay`` seconds; True if the client went away meanwhile."""
-    if gone.is_set():
+async def _sleep_unless_gone(watcher: asyncio.Task[None], delay: float) -> bool:
+    """Sleep ``delay`` seconds; True if the client went away meanwhile.
+
+    ``watcher`` is the stream's :func:`_watch_disconnect` task, which ends when
+    the client leaves: waiting on it makes no task per pause (a fleet of
+    streams pauses tens of thousands of times a second).
+    """
+    if watcher.done():
         return True
-    try:
-        await asyncio.wait_for(gone.wait(), delay)
-    except TimeoutError:
-        return False
-    return True
+    if delay > 0:
+        await asyncio.wait((watcher,), timeout=delay)
+    return watcher.done()
 
 
 _JSON = (b"content-type", b"application/json")
@@ -2319,13 +2325,18 @@ class FakeOpenRouter:
         try:
             if mode.headers_first:
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
-            if mode.first_byte_delay and await _sleep_unless_gone(gone, mode.first_byte_delay):
+            if mode.first_byte_delay and await _sleep_unless_gone(watcher, mode.first_byte_delay):
                 return
             if not mode.headers_first:
                 await send({"type": "http.response.start", "status": 200, "headers": headers})
             last = len(events) - 1
+            # Paced against the clock, as a model generates: a chunk that went out
+            # late (this process was busy) does not push back the ones after it.
+            clock = asyncio.get_running_loop().time
+            started = clock()
             for index, event in enumerate(events):
-                if index and mode.chunk_delay and await _sleep_unless_gone(gone, mode.chunk_delay):
+                due = started + index * mode.chunk_delay
+                if index and mode.chunk_delay and await _sleep_unless_gone(watcher, due - clock()):
                     return
                 if gone.is_set():
                     return

@@ -586,10 +586,50 @@ def test_chunk_delay() -> None:
         for _ in response.iter_raw():
             arrivals.append(time.monotonic())
     assert len(arrivals) == len(app.body_sent_at) == 7
-    gaps = [later - earlier for earlier, later in itertools.pairwise(app.body_sent_at)]
-    assert min(gaps) >= 0.04 - TICK
+    # Each event is due a delay after the one before it, counted from the first.
+    first = app.body_sent_at[0]
+    for index, sent in enumerate(app.body_sent_at):
+        assert sent - first >= index * 0.04 - TICK
     # Each piece reached the client after it was sent, not before: one write each.
     assert all(arrived >= sent for arrived, sent in zip(arrivals, app.body_sent_at, strict=True))
+
+
+class StallsOnce(SendTimes):
+    """The fake, its event loop blocked for a while as it sends a stream's first event."""
+
+    STALL = 0.15
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def stalling(message: Any) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and len(self.body_sent_at) == 1:
+                time.sleep(self.STALL)  # the process busy with something else
+
+        await super().__call__(scope, receive, stalling)
+
+
+def test_chunk_delay_is_kept_by_the_clock() -> None:
+    """A stall does not push the stream back: the events after it catch up, as a model's would."""
+    app = StallsOnce()
+    with (
+        run_fake_openrouter(app) as running,
+        httpx.Client(base_url=running.base_url, headers={"Authorization": "Bearer x"}) as http,
+    ):
+        response = http.post(
+            CHAT,
+            content=request_body(stream=True),
+            headers={"X-Fake-Mode": "chunk-delay=0.05,chunks=3"},
+        )
+    assert response.status_code == 200
+    sent = app.body_sent_at
+    assert len(sent) == 7  # keep-alive, 3 contents, finish, usage, [DONE]
+    # Event 1 was due at 0.05 s, during the stall: it goes out as the stall ends, and
+    # event 2 (due at 0.10 s) with it, without a whole delay after event 1.
+    assert sent[1] - sent[0] >= StallsOnce.STALL
+    assert sent[2] - sent[1] < 0.05 - TICK
+    # The stream ends when its last event is due (0.30 s), not a stall later.
+    assert sent[-1] - sent[0] >= 6 * 0.05 - TICK
+    assert sent[-1] - sent[0] < 6 * 0.05 + StallsOnce.STALL - 0.05
 
 
 def test_bad_mode_is_rejected(client: httpx.Client) -> None:
