@@ -19,7 +19,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import ParamSpec, TypeVar
 
@@ -77,11 +77,19 @@ def _call_keeping_connection(func: Callable[P, R], *args: P.args, **kwargs: P.kw
         _state.last_used = time.monotonic()
 
 
+def submit_db(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+    """Queue ``func`` for a database thread; its future, to await through ``asyncio.wrap_future``.
+
+    Cancelling the awaited future cancels a call still queued (it never runs);
+    a call already running runs to its end, and this future still has its result.
+    """
+    call = functools.partial(_call_keeping_connection, func, *args, **kwargs)
+    return _get_executor().submit(call)
+
+
 async def run_db(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Run ``func`` on a database thread and return its result."""
-    loop = asyncio.get_running_loop()
-    call = functools.partial(_call_keeping_connection, func, *args, **kwargs)
-    return await loop.run_in_executor(_get_executor(), call)
+    return await asyncio.wrap_future(submit_db(func, *args, **kwargs))
 
 
 def shutdown() -> None:

@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -34,7 +35,7 @@ from django.utils import timezone
 from openrouter_proxy import observability
 from openrouter_proxy.callers import Caller
 from openrouter_proxy.capture import CaptureResult
-from openrouter_proxy.db import run_db
+from openrouter_proxy.db import run_db, submit_db
 from openrouter_proxy.metering import (
     AdmissionResult,
     Meter,
@@ -158,12 +159,21 @@ class Exchange:
         admit_async = None
         if _serving_loop.get() and _running < LOOP_ADMISSION_BELOW:
             admit_async = getattr(self.meter, "admit_async", None)
-        admitting: asyncio.Future[AdmissionResult] = asyncio.ensure_future(
-            admit_async(request) if admit_async else run_db(self.meter.admit, request)
-        )
+        admitting: asyncio.Future[AdmissionResult] | Future[AdmissionResult]
+        if admit_async is not None:
+            # A task of its own: a caller that leaves does not cut its statement short.
+            task = asyncio.ensure_future(admit_async(request))
+            admitting, waiting = task, asyncio.shield(task)
+        else:
+            # The view waits on the database thread's own future: the loop
+            # resumes it one turn after the thread is done (a task and a shield
+            # around it took four turns, each long on a busy worker). A caller
+            # that leaves while the call is still queued cancels it unrun.
+            admitting = submit_db(self.meter.admit, request)
+            waiting = asyncio.wrap_future(admitting)
         self._count(+1)
         try:
-            result: AdmissionResult = await asyncio.shield(admitting)
+            result: AdmissionResult = await waiting
         except BaseException as error:
             self._count(-1)
             if isinstance(error, asyncio.CancelledError):
@@ -186,9 +196,22 @@ class Exchange:
             _running += step
 
     async def _release_if_admitted(
-        self, admitting: asyncio.Future[AdmissionResult], request: MeteredRequest
+        self,
+        admitting: asyncio.Future[AdmissionResult] | Future[AdmissionResult],
+        request: MeteredRequest,
     ) -> None:
-        if (await admitting).admitted:
+        """Give back the slot of an admission whose caller left before hearing it."""
+        if isinstance(admitting, Future):
+            started = admitting
+            try:
+                result = await asyncio.wrap_future(started)
+            except asyncio.CancelledError:
+                if started.cancelled():
+                    return  # cancelled while queued: it never ran, nothing was taken
+                raise
+        else:
+            result = await admitting
+        if result.admitted:
             await run_db(self.meter.release, request)
 
     async def _tell_answered(self, answered: asyncio.Future[str | None]) -> None:

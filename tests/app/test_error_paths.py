@@ -241,6 +241,58 @@ def test_client_leaving_during_admission_gives_the_slot_back(
     assert not UsageRecord.objects.exists()
 
 
+def test_client_leaving_while_its_admission_is_queued_leaves_it_unrun(
+    gateway: Gateway, live_account: Account, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    """Every database thread busy: the admission waits in the queue, and its caller leaves."""
+    from openrouter_proxy import db, exchange
+    from openrouter_proxy.callers import verification_cache
+    from openrouter_proxy.conf import proxy_settings
+
+    settings.OPENROUTER_PROXY_KEY_CACHE_SECONDS = 60
+    verification_cache.clear()
+    from billing import services
+
+    monkeypatch.setattr(exchange, "LOOP_ADMISSION_BELOW", 0)  # admissions in the threads
+    real = services.admit_request
+    admitted: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        admitted.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("billing.meter.admit_request", counted)
+    # The key is remembered first, so the request needs no thread before its admission.
+    first = httpx.post(chat_url(gateway), json=CHAT, headers=live_account.headers)
+    assert first.status_code == 200
+    wait_for(lambda: settlement.pending_tasks() == 0, "the first request's record")
+    assert admitted == [1]
+    free = threading.Event()
+    busy = [db.submit_db(free.wait, 30) for _ in range(proxy_settings.DB_THREADS)]
+    try:
+        with socket.create_connection(("127.0.0.1", port_of(gateway.url))) as sock:
+            body = json.dumps(CHAT).encode()
+            sock.sendall(
+                b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                b"X-Daemon-Token: " + live_account.token.encode() + b"\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            wait_for(lambda: exchange._running == 1, "the admission to be queued")
+        wait_for(lambda: exchange._running == 0, "the proxy to see the client leave")
+    finally:
+        free.set()
+    for blocker in busy:
+        blocker.result(timeout=10)
+    wait_for(lambda: settlement.pending_tasks() == 0, "whatever the leaving queued")
+    # Run again: the queue had only the cancelled call left in it.
+    assert db.submit_db(lambda: 1).result(timeout=10) == 1
+    assert admitted == [1]
+    assert in_flight(live_account) == 0
+    assert len(gateway.fake.app.requests) == 1
+    verification_cache.clear()
+
+
 @pytest.mark.django_db(transaction=True)
 async def test_the_views_own_body_limit(async_client: Any, fake: Any, settings: Any) -> None:
     """Through the full site stack (no ASGI fast path), the view refuses a large body itself."""
