@@ -191,27 +191,53 @@ class ProxyHandler(ASGIHandler):
                 assert error_response is not None
                 await self.send_response(error_response, send)
                 return
-            responding = asyncio.create_task(self._respond(request, send))
-            watching = asyncio.create_task(_until_disconnected(receive))
-            await asyncio.wait([responding, watching], return_when=asyncio.FIRST_COMPLETED)
-            if not responding.done():
-                # The client went away: the view (or its stream) sees CancelledError.
-                responding.cancel()
-                with suppress(asyncio.CancelledError):
-                    await responding
-            elif not watching.done():
-                # A server whose ``receive`` says the exchange is over once the
-                # response is (uvicorn does) has woken the watcher already: one
-                # turn of the loop lets it end by itself, uncancelled.
-                await asyncio.sleep(0)
-            if not watching.done():
-                watching.cancel()
-                with suppress(asyncio.CancelledError):
-                    await watching
-            if not responding.cancelled():
-                responding.result()
+            await self._respond_unless_client_leaves(request, receive, send)
         finally:
             body.close()
+
+    async def _respond_unless_client_leaves(
+        self, request: HttpRequest, receive: Receive, send: Send
+    ) -> None:
+        """Respond in this task; a client that leaves first cancels it (the view sees it).
+
+        The view runs in the server's own task for the request, not in one of
+        its own: a task's first step waits for a turn of the event loop, and
+        on a worker relaying many streams each turn is long.
+        """
+        responding = asyncio.current_task()
+        assert responding is not None
+        answered = False
+        left = False
+
+        def client_left(watcher: asyncio.Task[None]) -> None:
+            nonlocal left
+            if watcher.cancelled():
+                return
+            watcher.exception()  # retrieved: however it ended, the exchange is over
+            if not answered:
+                left = True
+                responding.cancel()
+
+        watching = asyncio.create_task(_until_disconnected(receive))
+        watching.add_done_callback(client_left)
+        try:
+            await self._respond(request, send)
+        except asyncio.CancelledError:
+            if not left:
+                raise  # the server's own cancellation
+        finally:
+            answered = True
+            if left:
+                responding.uncancel()
+        if not watching.done():
+            # A server whose ``receive`` says the exchange is over once the
+            # response is (uvicorn does) has woken the watcher already: one
+            # turn of the loop lets it end by itself, uncancelled.
+            await asyncio.sleep(0)
+        if not watching.done():
+            watching.cancel()
+            with suppress(asyncio.CancelledError):
+                await watching
 
     async def _respond(self, request: HttpRequest, send: Send) -> None:
         on_serving_loop()
