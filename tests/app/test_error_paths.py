@@ -51,6 +51,17 @@ def chat_url(gateway: Gateway) -> str:
     return f"{gateway.proxy}/v1/chat/completions"
 
 
+def raw_chat_request(token: str) -> bytes:
+    """A chat completion as bytes, for a client that leaves without reading the answer."""
+    body = json.dumps(CHAT).encode()
+    return (
+        b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+        b"X-Daemon-Token: " + token.encode() + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
 def in_flight(account: Account) -> int:
     return CreditAccount.objects.get(user=account.user).in_flight
 
@@ -220,13 +231,7 @@ def test_client_leaving_during_admission_gives_the_slot_back(
     monkeypatch.setattr(admission_async, "admit_user", held_on_loop)
     try:
         with socket.create_connection(("127.0.0.1", port_of(gateway.url))) as sock:
-            body = json.dumps(CHAT).encode()
-            sock.sendall(
-                b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                b"X-Daemon-Token: " + live_account.token.encode() + b"\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
+            sock.sendall(raw_chat_request(live_account.token))
             wait_for(taken.is_set, "the admission to take a slot")
             assert in_flight(live_account) == 1
         # The client has left while its admission was still unanswered.
@@ -271,13 +276,7 @@ def test_client_leaving_while_its_admission_is_queued_leaves_it_unrun(
     busy = [db.submit_db(free.wait, 30) for _ in range(proxy_settings.DB_THREADS)]
     try:
         with socket.create_connection(("127.0.0.1", port_of(gateway.url))) as sock:
-            body = json.dumps(CHAT).encode()
-            sock.sendall(
-                b"POST " + CHAT_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-                b"X-Daemon-Token: " + live_account.token.encode() + b"\r\n"
-                b"Content-Type: application/json\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
+            sock.sendall(raw_chat_request(live_account.token))
             wait_for(lambda: exchange._running == 1, "the admission to be queued")
         wait_for(lambda: exchange._running == 0, "the proxy to see the client leave")
     finally:
