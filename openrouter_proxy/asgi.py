@@ -229,15 +229,7 @@ class ProxyHandler(ASGIHandler):
             answered = True
             if left:
                 responding.uncancel()
-        if not watching.done():
-            # A server whose ``receive`` says the exchange is over once the
-            # response is (uvicorn does) has woken the watcher already: one
-            # turn of the loop lets it end by itself, uncancelled.
-            await asyncio.sleep(0)
-        if not watching.done():
-            watching.cancel()
-            with suppress(asyncio.CancelledError):
-                await watching
+            await _stop_watching(watching)
 
     async def _respond(self, request: HttpRequest, send: Send) -> None:
         on_serving_loop()
@@ -248,6 +240,19 @@ class ProxyHandler(ASGIHandler):
                 await _send_relayed(response, send)
             else:
                 await self.send_response(response, send)
+
+
+async def _stop_watching(watching: asyncio.Task[None]) -> None:
+    """End the disconnect watcher of a request whose response is over."""
+    if not watching.done():
+        # A server whose ``receive`` says the exchange is over once the
+        # response is (uvicorn does) has woken the watcher already: one
+        # turn of the loop lets it end by itself, uncancelled.
+        await asyncio.sleep(0)
+    if not watching.done():
+        watching.cancel()
+        with suppress(asyncio.CancelledError):
+            await watching
 
 
 async def _until_disconnected(receive: Receive) -> None:
