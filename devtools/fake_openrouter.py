@@ -1281,12 +1281,10 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _watch_disconnect(receive: Receive, gone: asyncio.Event) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            return
+async def _watch_disconnect(receive: Receive) -> None:
+    """Return once the client has gone: the stream's watcher task is done then."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sleep_unless_gone(watcher: asyncio.Task[None], delay: float) -> bool:
@@ -2318,8 +2316,7 @@ class FakeOpenRouter:
         send = call.send
         events, progress = plan.events, plan.progress
         compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if mode.gzip and compress else None
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(call.receive, gone))
+        watcher = asyncio.create_task(_watch_disconnect(call.receive))
         self.open_streams += 1
         delivered = 0
         try:
@@ -2338,7 +2335,7 @@ class FakeOpenRouter:
                 due = started + index * mode.chunk_delay
                 if index and mode.chunk_delay and await _sleep_unless_gone(watcher, due - clock()):
                     return
-                if gone.is_set():
+                if watcher.done():
                     return
                 final = index == last and not mode.cut
                 data = event.encode() if isinstance(event, str) else event
@@ -2346,7 +2343,7 @@ class FakeOpenRouter:
                     data = compressor.compress(data)
                     data += compressor.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
                 await send({"type": "http.response.body", "body": data, "more_body": not final})
-                if not final and gone.is_set():
+                if not final and watcher.done():
                     return
                 delivered += 1
                 if index % 16 == 15:
