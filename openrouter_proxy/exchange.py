@@ -202,11 +202,10 @@ class Exchange:
     ) -> None:
         """Give back the slot of an admission whose caller left before hearing it."""
         if isinstance(admitting, Future):
-            started = admitting
             try:
-                result = await asyncio.wrap_future(started)
+                result = await asyncio.wrap_future(admitting)
             except asyncio.CancelledError:
-                if started.cancelled():
+                if admitting.cancelled():
                     return  # cancelled while queued: it never ran, nothing was taken
                 raise
         else:
