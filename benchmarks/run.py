@@ -458,12 +458,8 @@ class Bench:
             outcome.requests,
         )
 
-    def fleet(
-        self, target: Target, concurrency: int, sampler: Sampler, idle: tuple[int, int]
-    ) -> FleetFigures:
-        """One fleet run; ``idle`` is the (total, largest worker) RSS before the first one."""
-        sampler.reset()
-        idle_kib, worker_idle = idle
+    def run_fleet(self, target: Target, concurrency: int, duration: float) -> fleet.FleetResult:
+        """``concurrency`` agents streaming turns through ``target`` for ``duration`` seconds."""
         body = self.bodies["fleet"].read_bytes()
         base = {"Content-Type": "application/json", "X-Fake-Mode": FLEET_MODE}
         base |= target.headers | target.fleet_headers
@@ -474,18 +470,29 @@ class Bench:
                 return {**base, "X-Daemon-Token": tokens[index % len(tokens)]}
             return base
 
-        args = self.args
-        outcome = run_async(
+        return run_async(
             fleet.run_fleet(
                 target.url,
                 body,
                 headers_for,
                 concurrency,
-                args.fleet_duration,
-                ramp=min(1.0, args.fleet_duration / 10),
-                drain=args.fleet_drain,
+                duration,
+                ramp=min(1.0, duration / 10),
+                drain=self.args.fleet_drain,
             )
         )
+
+    def profiled_fleet(self, target: Target, concurrency: int, seconds: float) -> None:
+        """A fleet for the profile: its first turns' ramp, then ``seconds`` of steady turns."""
+        self.run_fleet(target, concurrency, seconds + 2)
+
+    def fleet(
+        self, target: Target, concurrency: int, sampler: Sampler, idle: tuple[int, int]
+    ) -> FleetFigures:
+        """One fleet run; ``idle`` is the (total, largest worker) RSS before the first one."""
+        sampler.reset()
+        idle_kib, worker_idle = idle
+        outcome = self.run_fleet(target, concurrency, self.args.fleet_duration)
         sampler.sample()
         figures = FleetFigures(
             concurrency=concurrency,
@@ -503,7 +510,7 @@ class Bench:
             head_p50_s=outcome.percentile(0.5, outcome.heads),
             head_p99_s=outcome.percentile(0.99, outcome.heads),
         )
-        settle(target.process.pid, 0.5 if args.short else 1.0, args.fleet_drain)
+        settle(target.process.pid, 0.5 if self.args.short else 1.0, self.args.fleet_drain)
         return figures
 
     def measure(self, target: Target) -> Results:
@@ -532,10 +539,11 @@ class Bench:
         return results
 
     def profile(self, target: Target) -> str:
-        """py-spy on our workers under tiny requests, then under 400 KB prompts.
+        """py-spy on our workers under tiny requests, 400 KB prompts, then the fleet.
 
         Every worker is recorded (a single connection sticks to one of them)
         and the busiest one is summarised; the raw samples stay in ``var/``.
+        The fleet is the first of ``--fleet`` sizes, run for as long as the others.
         """
         failure = install_py_spy()
         if failure:
@@ -543,10 +551,16 @@ class Bench:
         workers = worker_pids(target.process.pid)
         seconds = self.args.profile_duration
         summaries = []
-        for name, body, connections in (
-            ("tiny", "json", self.args.connections),
-            ("400k", f"prompt{PROMPTS[-1]}", 1),
-        ):
+        workloads: list[tuple[str, Callable[[], object]]] = [
+            ("tiny", lambda: self.load(target, "json", self.args.connections, seconds + 1)),
+            ("400k", lambda: self.load(target, f"prompt{PROMPTS[-1]}", 1, seconds + 1)),
+        ]
+        if self.args.fleet:
+            fleet_size = self.args.fleet[0]
+            workloads.append(
+                (f"fleet{fleet_size}", lambda: self.profiled_fleet(target, fleet_size, seconds))
+            )
+        for name, run in workloads:
             spies = []
             for worker in workers:
                 raw = ROOT / "var" / f"profile-{name}-{worker}.txt"
@@ -556,7 +570,7 @@ class Bench:
                 spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 spies.append((worker, raw, spy))
             time.sleep(0.5)
-            self.load(target, body, connections, seconds + 1)
+            run()
             recorded = []
             for worker, raw, spy in spies:
                 _, error = spy.communicate(timeout=60)
