@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from contextlib import suppress
 from datetime import datetime
 
@@ -40,6 +41,7 @@ from billing.spool import record_usage_durably, replay_spool
 from openrouter_proxy.db import run_db
 from openrouter_proxy.metering import (
     AdmissionResult,
+    AnswerNote,
     GenerationCost,
     MeteredRequest,
     PendingGeneration,
@@ -94,6 +96,9 @@ class BillingMeter:
 
     def answered(self, request_id: uuid.UUID, generation_id: str) -> None:
         recovery.mark_answered(request_id, generation_id)
+
+    def answered_many(self, notes: Sequence[AnswerNote]) -> None:
+        recovery.mark_answered_many(notes)
 
     def record(self, draft: UsageDraft) -> Receipt:
         recorded = record_usage_durably(draft)

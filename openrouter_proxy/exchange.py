@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from contextvars import ContextVar
@@ -38,6 +39,7 @@ from openrouter_proxy.capture import CaptureResult
 from openrouter_proxy.db import run_db, submit_db
 from openrouter_proxy.metering import (
     AdmissionResult,
+    AnswerNote,
     Meter,
     MeteredRequest,
     ReportedUsage,
@@ -100,6 +102,75 @@ def _start_record(draft: UsageDraft, coro: Coroutine[Any, Any, None]) -> asyncio
     return task
 
 
+class _AnswerNotes:
+    """The answer notes of one event loop's requests, told to their meter in batches.
+
+    A note goes to a database thread at once when no call is on its way;
+    the notes that come meanwhile go together in the next call (one statement
+    for all, where the meter has ``answered_many``). An idle worker tells each
+    note as it comes; a busy one a few batches a second, not one statement and
+    one thread hop per stream. A note still waiting when its request's record
+    is started is dropped: the record carries the generation id itself.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[uuid.UUID, tuple[Meter, AnswerNote]] = {}
+        self._telling: asyncio.Task[None] | None = None
+
+    def add(self, meter: Meter, note: AnswerNote) -> None:
+        self._waiting[note.request_id] = (meter, note)
+        if self._telling is None:
+            self._telling = run_in_background(self._tell())
+
+    def drop(self, request_id: uuid.UUID) -> None:
+        self._waiting.pop(request_id, None)
+
+    async def _tell(self) -> None:
+        try:
+            # One turn first: an answer that came whole with its headers (a
+            # short JSON answer) has its record started in this turn, which
+            # drops its note, and the database is spared a statement.
+            await asyncio.sleep(0)
+            while self._waiting:
+                batch, self._waiting = self._waiting, {}
+                by_meter: dict[int, tuple[Meter, list[AnswerNote]]] = {}
+                for meter, note in batch.values():
+                    by_meter.setdefault(id(meter), (meter, []))[1].append(note)
+                for meter, notes in by_meter.values():
+                    try:
+                        await run_db(_tell_meter, meter, notes)
+                    except DatabaseError:
+                        # The final records do not need them; only a crash from here on would.
+                        logger.warning(
+                            "could not tell the meter the generation of %d requests", len(notes)
+                        )
+        finally:
+            self._telling = None
+
+
+def _tell_meter(meter: Meter, notes: list[AnswerNote]) -> None:
+    """Tell ``meter`` the notes, in one call where it takes several at once."""
+    answered_many = getattr(meter, "answered_many", None)
+    if answered_many is not None and len(notes) > 1:
+        answered_many(notes)
+        return
+    for note in notes:
+        meter.answered(note.request_id, note.generation_id)
+
+
+_notes_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AnswerNotes] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _answer_notes() -> _AnswerNotes:
+    loop = asyncio.get_running_loop()
+    notes = _notes_by_loop.get(loop)
+    if notes is None:
+        notes = _notes_by_loop[loop] = _AnswerNotes()
+    return notes
+
+
 def _ending(user_id: int, key_id: int | None) -> tuple[int, Decimal, Decimal]:
     """How many of a caller's ended requests are being recorded with a known cost, and it.
 
@@ -131,10 +202,7 @@ class Exchange:
     first_byte: float | None = None
     status: int | None = None
     header_generation_id: str | None = None
-    #: Tells the meter the generation id beside the upstream call.
-    _answering: asyncio.Task[None] | None = None
-    #: Resolved with the generation id when the upstream answers (None: it did not).
-    _answered: asyncio.Future[str | None] | None = None
+    _admitted: bool = False
     _counted: bool = False
 
     def metered_request(self) -> MeteredRequest:
@@ -182,9 +250,7 @@ class Exchange:
         if not result.admitted:
             self._count(-1)
         else:
-            loop = asyncio.get_running_loop()
-            self._answered = loop.create_future()
-            self._answering = run_in_background(self._tell_answered(self._answered))
+            self._admitted = True
             observability.billed_request_started()
         return result
 
@@ -213,21 +279,13 @@ class Exchange:
         if result.admitted:
             await run_db(self.meter.release, request)
 
-    async def _tell_answered(self, answered: asyncio.Future[str | None]) -> None:
-        generation_id = await answered
-        if not generation_id:
-            return
-        try:
-            await run_db(self.meter.answered, self.request_id, generation_id)
-        except DatabaseError:
-            # The final record does not need it; only a crash from here on would.
-            logger.warning("could not tell the meter the generation of %s", self.request_id)
-
     def upstream_answered(self, status: int, generation_id: str | None) -> None:
+        """The upstream's headers are in: the meter is told their generation, beside the relay."""
         self.status = status
         self.header_generation_id = generation_id
-        if self._answered is not None and not self._answered.done():
-            self._answered.set_result(generation_id)
+        if self._admitted and generation_id:
+            note = AnswerNote(self.request_id, generation_id, timezone.now())
+            _answer_notes().add(self.meter, note)
 
     def draft(
         self,
@@ -283,12 +341,11 @@ class Exchange:
             await asyncio.shield(task)
 
     async def _record(self, draft: UsageDraft) -> None:
-        # The record carries the generation id itself: a note of it still queued
-        # for a database thread is dropped, and one already running lands on the
-        # request's trace or, once the record has ended the trace, on nothing.
-        # Either way the request never waits for it.
-        if self._answering is not None and not self._answering.done():
-            self._answering.cancel()
+        # The record carries the generation id itself: a note of it still waiting
+        # is dropped, and one already on its way lands on the request's trace
+        # or, once the record has ended the trace, on nothing. Either way the
+        # request never waits for it.
+        _answer_notes().drop(self.request_id)
         try:
             receipt = await run_db(self.meter.record, draft)
         except Exception:

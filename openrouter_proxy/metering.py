@@ -29,7 +29,10 @@ keeps the order:
 * ``beat`` every ``heartbeat_interval`` seconds from each serving event loop,
   and ``retire`` when the loop stops cleanly.
 
-Two coroutine methods are optional. On a serving loop (the fast path, see
+Three methods are optional. ``answered_many(notes)``, when the meter has it,
+takes several :class:`AnswerNote` s in one call (a busy worker tells the
+generations of its streams in batches; otherwise one ``answered`` call per
+note). On a serving loop (the fast path, see
 ``exchange.on_serving_loop``) the proxy awaits ``admit_async(request)``
 instead of calling ``admit`` in a thread, when the meter has it: a meter whose
 database has an asynchronous driver spares the request two thread hops. At a
@@ -182,6 +185,15 @@ class AdmissionResult:
 
 
 ADMITTED = AdmissionResult(Admission.ADMITTED)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerNote:
+    """The generation the upstream named when it answered a request, and when."""
+
+    request_id: uuid.UUID
+    generation_id: str
+    answered_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
