@@ -105,12 +105,13 @@ def _start_record(draft: UsageDraft, coro: Coroutine[Any, Any, None]) -> asyncio
 class _AnswerNotes:
     """The answer notes of one event loop's requests, told to their meter in batches.
 
-    A note goes to a database thread at once when no call is on its way;
-    the notes that come meanwhile go together in the next call (one statement
-    for all, where the meter has ``answered_many``). An idle worker tells each
-    note as it comes; a busy one a few batches a second, not one statement and
-    one thread hop per stream. A note still waiting when its request's record
-    is started is dropped: the record carries the generation id itself.
+    When no call is on its way, a note goes to a database thread one turn of
+    the loop after it comes; the notes that come meanwhile go together in the
+    next call (one statement for all, where the meter has ``answered_many``).
+    An idle worker tells each note as it comes; a busy one a few batches a
+    second, not one statement and one thread hop per stream. A note still
+    waiting when its request's record is started is dropped: the record
+    carries the generation id itself.
     """
 
     def __init__(self) -> None:
