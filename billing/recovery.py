@@ -94,13 +94,21 @@ def mark_answered(request_id: uuid.UUID, generation_id: str) -> None:
 
     Once per streamed request, so a plain statement rather than an ORM update.
     """
+    with hot_cursor() as cursor:
+        cursor.execute(
+            _answered_sql(connection.vendor),
+            _answered_params(request_id, generation_id, timezone.now()),
+        )
+
+
+def _answered_params(request_id: uuid.UUID, generation_id: str, answered_at: datetime) -> list[Any]:
+    """The values of :func:`_answered_sql`'s statement, adapted for the database."""
     values = {
         "generation_id": generation_id[:120],
-        "answered_at": timezone.now(),
+        "answered_at": answered_at,
         "request_id": request_id,
     }
-    with hot_cursor() as cursor:
-        cursor.execute(_answered_sql(connection.vendor), _prepared(OpenRequest, values)[1])
+    return _prepared(OpenRequest, values)[1]
 
 
 def mark_answered_many(notes: Sequence[AnswerNote]) -> None:
@@ -121,15 +129,7 @@ def mark_answered_many(notes: Sequence[AnswerNote]) -> None:
             )
         return
     rows = [
-        _prepared(
-            OpenRequest,
-            {
-                "generation_id": note.generation_id[:120],
-                "answered_at": note.answered_at,
-                "request_id": note.request_id,
-            },
-        )[1]
-        for note in notes
+        _answered_params(note.request_id, note.generation_id, note.answered_at) for note in notes
     ]
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.executemany(_answered_sql(connection.vendor), rows)

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from contextvars import ContextVar
@@ -37,6 +36,7 @@ from openrouter_proxy import observability
 from openrouter_proxy.callers import Caller
 from openrouter_proxy.capture import CaptureResult
 from openrouter_proxy.db import run_db, submit_db
+from openrouter_proxy.loops import PerLoop
 from openrouter_proxy.metering import (
     AdmissionResult,
     AnswerNote,
@@ -159,17 +159,7 @@ def _tell_meter(meter: Meter, notes: list[AnswerNote]) -> None:
         meter.answered(note.request_id, note.generation_id)
 
 
-_notes_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AnswerNotes] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _answer_notes() -> _AnswerNotes:
-    loop = asyncio.get_running_loop()
-    notes = _notes_by_loop.get(loop)
-    if notes is None:
-        notes = _notes_by_loop[loop] = _AnswerNotes()
-    return notes
+_answer_notes = PerLoop(_AnswerNotes).get
 
 
 def _ending(user_id: int, key_id: int | None) -> tuple[int, Decimal, Decimal]:

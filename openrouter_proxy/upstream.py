@@ -11,19 +11,14 @@ to each gap between two chunks.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import weakref
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from openrouter_proxy.conf import proxy_settings
-
-_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]
-] = weakref.WeakKeyDictionary()
+from openrouter_proxy.loops import PerLoop
 
 
 class _NoCookies(CookieJar):
@@ -75,12 +70,9 @@ def _new_client() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
     return client, transport
 
 
-def _upstream() -> tuple[httpx.AsyncClient, httpx.AsyncBaseTransport]:
-    loop = asyncio.get_running_loop()
-    found = _clients.get(loop)
-    if found is None or found[0].is_closed:
-        found = _clients[loop] = _new_client()
-    return found
+#: Each loop's client and its transport; a closed client is made again.
+_clients = PerLoop(_new_client, usable=lambda found: not found[0].is_closed)
+_upstream = _clients.get
 
 
 def get_client() -> httpx.AsyncClient:
@@ -132,6 +124,6 @@ async def send(request: httpx.Request) -> httpx.Response:
 
 async def close_clients() -> None:
     """Close the client of the running loop (call at shutdown)."""
-    found = _clients.pop(asyncio.get_running_loop(), None)
+    found = _clients.pop()
     if found is not None:
         await found[0].aclose()

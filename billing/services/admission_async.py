@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -34,6 +33,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from billing.conf import billing_settings
 from billing.services._sql import NEVER_BY_COUNT
 from billing.services.admission import user_admission
+from openrouter_proxy.loops import PerLoop
 from openrouter_proxy.metering import Admission
 
 # An idle connection older than this is probed before use (as the proxy's threads do).
@@ -123,17 +123,8 @@ class _Connections:
             await self._discard(opened)
 
 
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Connections] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _connections() -> _Connections:
-    loop = asyncio.get_running_loop()
-    found = _by_loop.get(loop)
-    if found is None:
-        found = _by_loop[loop] = _Connections(billing_settings.ADMISSION_CONNECTIONS)
-    return found
+_by_loop = PerLoop(lambda: _Connections(billing_settings.ADMISSION_CONNECTIONS))
+_connections = _by_loop.get
 
 
 async def admit_user(
@@ -154,6 +145,6 @@ async def admit_user(
 
 async def close() -> None:
     """Close the running loop's admission connections (at shutdown)."""
-    found = _by_loop.pop(asyncio.get_running_loop(), None)
+    found = _by_loop.pop()
     if found is not None:
         await found.close()
