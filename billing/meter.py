@@ -27,6 +27,7 @@ from billing.conf import billing_settings
 from billing.models import CostSource, Settlement, UsageRecord
 from billing.money import to_units
 from billing.services import (
+    Recorded,
     RecordResult,
     admission_async,
     admit_request,
@@ -37,7 +38,7 @@ from billing.services import (
     settle_pending,
 )
 from billing.services.admission import in_flight_bound, key_gate
-from billing.spool import record_usage_durably, replay_spool
+from billing.spool import record_usage_durably, record_usage_durably_many, replay_spool
 from openrouter_proxy.db import run_db
 from openrouter_proxy.metering import (
     AdmissionResult,
@@ -101,7 +102,17 @@ class BillingMeter:
         recovery.mark_answered_many(notes)
 
     def record(self, draft: UsageDraft) -> Receipt:
-        recorded = record_usage_durably(draft)
+        return self._receipt(draft, record_usage_durably(draft))
+
+    def record_many(self, drafts: Sequence[UsageDraft]) -> list[Receipt]:
+        """:meth:`record` for several drafts, in one transaction where the database allows."""
+        return [
+            self._receipt(draft, recorded)
+            for draft, recorded in zip(drafts, record_usage_durably_many(drafts), strict=True)
+        ]
+
+    @staticmethod
+    def _receipt(draft: UsageDraft, recorded: Recorded | None) -> Receipt:
         if recorded is None:
             # Spooled: the trace stays until the spool is replayed.
             return Receipt("spooled")

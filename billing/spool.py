@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -33,6 +34,7 @@ from django.db import DatabaseError, IntegrityError, connection
 from billing.conf import billing_settings
 from billing.models import OpenRequest
 from billing.services import Recorded, record_usage
+from billing.services.recording import record_usage_many
 from openrouter_proxy.metering import ReportedUsage, UsageDraft
 
 logger = logging.getLogger(__name__)
@@ -178,11 +180,36 @@ def record_usage_durably(draft: UsageDraft) -> Recorded | None:
                 return None
             time.sleep(billing_settings.RECORD_RETRY_DELAY * attempt)
         else:
-            if spooled_paths():
-                # Best effort: this request's own record is written whatever happens here.
-                try:
-                    replay_spool(limit=HOT_PATH_REPLAY_LIMIT, wait=False)
-                except Exception:
-                    logger.exception("replaying the spool failed; reconcile_usage will retry")
+            _replay_after_recording()
             return result
     return None
+
+
+def _replay_after_recording() -> None:
+    """Replay some spooled drafts, now that the database took a record (best effort)."""
+    if spooled_paths():
+        try:
+            replay_spool(limit=HOT_PATH_REPLAY_LIMIT, wait=False)
+        except Exception:
+            logger.exception("replaying the spool failed; reconcile_usage will retry")
+
+
+def record_usage_durably_many(drafts: Sequence[UsageDraft]) -> list[Recorded | None]:
+    """:func:`record_usage_durably` for several drafts: together when the database takes them.
+
+    The drafts go in one transaction (:func:`billing.services.recording.record_usage_many`);
+    if that fails for any reason, nothing of it was written and each draft is
+    recorded alone, with its own retries and spool.
+    """
+    if len(drafts) > 1:
+        try:
+            recorded: list[Recorded | None] = list(record_usage_many(drafts))
+        except IntegrityError:
+            pass  # one of them is recorded already, or its generation is: each alone says which
+        except DatabaseError:
+            if not connection.in_atomic_block:
+                connection.close()
+        else:
+            _replay_after_recording()
+            return recorded
+    return [record_usage_durably(draft) for draft in drafts]

@@ -29,16 +29,20 @@ keeps the order:
 * ``beat`` every ``heartbeat_interval`` seconds from each serving event loop,
   and ``retire`` when the loop stops cleanly.
 
-Three methods are optional. ``answered_many(notes)``, when the meter has it,
+Four methods are optional. ``answered_many(notes)``, when the meter has it,
 takes several :class:`AnswerNote` s in one call (a busy worker tells the
 generations of its streams in batches; otherwise one ``answered`` call per
-note). On a serving loop (the fast path, see
-``exchange.on_serving_loop``) the proxy awaits ``admit_async(request)``
-instead of calling ``admit`` in a thread, when the meter has it: a meter whose
-database has an asynchronous driver spares the request two thread hops. At a
-clean stop the proxy awaits ``aclose()``, when the meter has it, on each
-serving loop. ``record`` stays synchronous: it runs after the response has
-ended, off the request's path.
+note). ``record_many(drafts)`` likewise takes the drafts of the requests that
+ended while the last records were being written, and returns one
+:class:`Receipt` per draft, in order; if it raises, the proxy records each
+draft alone with ``record`` (so it must leave nothing half written). On a
+serving loop (the fast path, see ``exchange.on_serving_loop``) the proxy
+awaits ``admit_async(request)`` instead of calling ``admit`` in a thread,
+when the meter has it: a meter whose database has an asynchronous driver
+spares the request two thread hops. At a clean stop the proxy awaits
+``aclose()``, when the meter has it, on each serving loop. ``record`` and
+``record_many`` stay synchronous: they run after the response has ended, off
+the request's path.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import functools
 from datetime import UTC, date, datetime
 from typing import Any
 
-from django.db import connection, models
+from django.db import DEFAULT_DB_ALIAS, connection, connections, models
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 
@@ -83,17 +83,26 @@ def _sql_names(model: type[models.Model]) -> tuple[str, Any]:
     return quote(model._meta.db_table), column
 
 
+@functools.cache
+def _fields_of(
+    model: type[models.Model], names: tuple[str, ...]
+) -> tuple[models.Field[Any, Any], ...]:
+    """The concrete fields of ``model`` that ``names`` names, in their order (looked up once)."""
+    found = tuple(model._meta.get_field(name) for name in names)
+    fields = tuple(field for field in found if isinstance(field, models.Field))
+    assert len(fields) == len(found), f"{model.__name__}: {names} names a relation's other side"
+    return fields
+
+
 def _prepared(
     model: type[models.Model], values: dict[str, Any], on: BaseDatabaseWrapper | None = None
-) -> tuple[list[Any], list[Any]]:
+) -> tuple[tuple[models.Field[Any, Any], ...], list[Any]]:
     """The fields ``values`` names, and its values as those fields save them (for ``on``)."""
-    on = on or connection
-    fields = [model._meta.get_field(name) for name in values]
-    params = [
-        field.get_db_prep_save(values[field.name], on)
-        for field in fields
-        if isinstance(field, models.Field)
-    ]
+    # The wrapper itself, not the proxy: every field asks it for its operations.
+    on = on or connections[DEFAULT_DB_ALIAS]
+    fields = _fields_of(model, tuple(values))
+    pairs = zip(fields, values.values(), strict=True)
+    params = [field.get_db_prep_save(value, on) for field, value in pairs]
     return fields, params
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
+from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
 from billing.models import (
@@ -35,7 +38,7 @@ from billing.services._sql import (
 )
 from billing.services.admission import release_request
 from billing.services.ledger import _account_upsert_sql, _notify_if_low
-from billing.services.pricing import bill, cost_at_price, determine_charge
+from billing.services.pricing import Charge, bill, cost_at_price, determine_charge
 from billing.signals import key_limit_reached
 from openrouter_proxy.metering import ReportedUsage, UsageDraft
 
@@ -75,8 +78,19 @@ def generation_belongs_to(user_id: int, generation_id: str) -> bool:
     return UsageRecord.objects.filter(user_id=user_id, generation_id=generation_id).exists()
 
 
-def record_usage(draft: UsageDraft) -> Recorded:
-    """Write the usage record and its charge, once, and end the request's trace."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one draft's record writes: the record's values and its charge."""
+
+    draft: UsageDraft
+    charge: Charge
+    values: dict[str, Any]
+    at: datetime
+    release: bool
+    key: tuple[int, str] | None
+
+
+def _plan(draft: UsageDraft) -> _Plan:
     charge = determine_charge(draft, price_table_cost)
     usage = draft.usage
     keeps_slot = draft.holds_slot and charge.settlement == Settlement.PENDING
@@ -110,29 +124,33 @@ def record_usage(draft: UsageDraft) -> Recorded:
         "created_at": draft.created_at,
         "settled_at": now if settled else None,
     }
-    release = draft.holds_slot and not keeps_slot
+    return _Plan(
+        draft,
+        charge,
+        values,
+        now,
+        release=draft.holds_slot and not keeps_slot,
+        key=_key_of(draft.api_key_id, draft.api_key_label),
+    )
+
+
+def record_usage(draft: UsageDraft) -> Recorded:
+    """Write the usage record and its charge, once, and end the request's trace."""
+    plan = _plan(draft)
     try:
         if connection.vendor == "postgresql":
-            _record_and_charge_in_one_statement(
-                values,
-                draft.user_id,
-                charge.billed,
-                draft.request_id,
-                now,
-                release,
-                key=_key_of(draft.api_key_id, draft.api_key_label),
-            )
+            _record_and_charge_in_one_statement(plan)
         else:
             with transaction.atomic():
-                record_id = _insert_returning_pk(UsageRecord, values)
+                record_id = _insert_returning_pk(UsageRecord, plan.values)
                 _charge_account(
                     draft.user_id,
-                    charge.billed,
+                    plan.charge.billed,
                     record_id=record_id,
                     request_id=draft.request_id,
-                    at=now,
-                    release_slot=release,
-                    key=_key_of(draft.api_key_id, draft.api_key_label),
+                    at=plan.at,
+                    release_slot=plan.release,
+                    key=plan.key,
                 )
                 OpenRequest.objects.filter(request_id=draft.request_id).delete()
     except IntegrityError:
@@ -142,10 +160,72 @@ def record_usage(draft: UsageDraft) -> Recorded:
             release_request(draft.user_id)
         logger.warning(
             "generation %s was reported twice; recorded and charged once",
-            usage.generation_id,
+            draft.usage.generation_id,
         )
         return Recorded(RecordResult.DUPLICATE_GENERATION)
-    return Recorded(RecordResult.RECORDED, charge.settlement)
+    return Recorded(RecordResult.RECORDED, plan.charge.settlement)
+
+
+def record_usage_many(drafts: Sequence[UsageDraft]) -> list[Recorded]:
+    """Several drafts' records and charges in one transaction: one round trip, one commit.
+
+    On PostgreSQL the drafts' statements (each :func:`record_usage`'s one
+    statement) are sent together, pipelined, and committed together; where the
+    two write the same account or key meter, the second sees the first. Any
+    error (a draft already recorded, a generation reported twice, a lost
+    connection) rolls all of them back and is raised: the caller then records
+    each alone (:func:`record_usage`), which tells those cases apart. Elsewhere,
+    or inside a caller's transaction, each is recorded alone here.
+    """
+    if len(drafts) < 2 or connection.vendor != "postgresql" or connection.in_atomic_block:
+        return [record_usage(draft) for draft in drafts]
+    # In the order of the rows they lock (account, then the key's meter), as every
+    # other writer of them: two batches that share users never wait on each other
+    # in a circle (a deadlock PostgreSQL would break only after deadlock_timeout).
+    plans = sorted(
+        (_plan(draft) for draft in drafts),
+        key=lambda plan: (plan.draft.user_id, plan.key[0] if plan.key else 0),
+    )
+    statements = [_record_and_charge_statement(plan) for plan in plans]
+    sql = statements[0][0]
+    assert all(text == sql for text, _ in statements)
+    with transaction.atomic():
+        with hot_cursor() as cursor:
+            rows = _execute_many_returning(cursor, sql, [params for _, params in statements])
+        for plan, row in zip(plans, rows, strict=True):
+            _notify_after_charge(plan, row)
+    settlements = {plan.draft.request_id: plan.charge.settlement for plan in plans}
+    return [Recorded(RecordResult.RECORDED, settlements[draft.request_id]) for draft in drafts]
+
+
+def _execute_many_returning(cursor: CursorWrapper, sql: str, batch: list[list[Any]]) -> list[Any]:
+    """Run one statement once per parameter list, pipelined; the first row of each run.
+
+    Django's ``executemany`` keeps no statement's rows, so this calls psycopg's
+    own, as Django's would: through the connection's execute wrappers
+    (``connection.execute_wrapper``), with Django's database errors, and in
+    ``connection.queries`` when they are logged.
+    """
+    raw = cursor.cursor
+    rows: list[Any] = []
+
+    def execute(sql: str, params: Any, many: bool, context: dict[str, Any]) -> None:
+        started = time.monotonic()
+        with connection.wrap_database_errors:
+            raw.executemany(sql, params, returning=True)
+            for _ in params:
+                rows.append(raw.fetchone())
+                raw.nextset()
+        if connection.queries_logged:
+            duration = time.monotonic() - started
+            entry = {"sql": f"{len(params)} times: {sql}", "time": f"{duration:.3f}"}
+            connection.queries_log.append(entry)
+
+    executor: Any = execute
+    for wrapper in reversed(connection.execute_wrappers):
+        executor = functools.partial(wrapper, executor)
+    executor(sql, batch, True, {"connection": connection, "cursor": cursor})
+    return rows
 
 
 def _locked_if_pending(record_id: int) -> UsageRecord | None:
@@ -363,23 +443,10 @@ def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...]) -> str:
     )
 
 
-def _record_and_charge_in_one_statement(
-    values: dict[str, Any],
-    user_id: int,
-    amount: Decimal,
-    request_id: uuid.UUID,
-    at: datetime,
-    release_slot: bool,
-    key: tuple[int, str] | None = None,
-) -> None:
-    """PostgreSQL: the record, its ledger row, the balance and the key's spend in one statement.
-
-    Data-modifying ``WITH`` clauses run as one atomic statement: one round
-    trip instead of five (BEGIN, three statements, COMMIT), with the same
-    all-or-nothing effect as :func:`_charge_account` in a transaction. The
-    account row is upserted, so a user without an account gets one whose
-    balance is exactly its (negative) ledger; so is the key's meter.
-    """
+def _record_and_charge_statement(plan: _Plan) -> tuple[str, list[Any]]:
+    """The text and parameters of :func:`_record_and_charge_in_one_statement`."""
+    values, amount, at = plan.values, plan.charge.billed, plan.at
+    user_id, request_id, key = plan.draft.user_id, plan.draft.request_id, plan.key
     sql = _record_and_charge_sql(connection.vendor, tuple(values))
     record_params = _prepared(UsageRecord, values)[1]
     at_value = connection.ops.adapt_datetimefield_value(at)
@@ -394,11 +461,24 @@ def _record_and_charge_in_one_statement(
         user_id,
         -to_units(amount),
         at_value,
-        release_slot,
+        plan.release,
         *_meter_upsert_params(key or (0, ""), user_id, amount, at),
         key is not None and amount > 0,
         request_id,
     ]
+    return sql, params
+
+
+def _record_and_charge_in_one_statement(plan: _Plan) -> None:
+    """PostgreSQL: the record, its ledger row, the balance and the key's spend in one statement.
+
+    Data-modifying ``WITH`` clauses run as one atomic statement: one round
+    trip instead of five (BEGIN, three statements, COMMIT), with the same
+    all-or-nothing effect as :func:`_charge_account` in a transaction. The
+    account row is upserted, so a user without an account gets one whose
+    balance is exactly its (negative) ledger; so is the key's meter.
+    """
+    sql, params = _record_and_charge_statement(plan)
 
     def execute() -> Any:
         with hot_cursor() as cursor:
@@ -410,7 +490,13 @@ def _record_and_charge_in_one_statement(
             row = execute()
     else:
         row = execute()
+    _notify_after_charge(plan, row)
+
+
+def _notify_after_charge(plan: _Plan, row: Any) -> None:
+    """The signals a charge's statement returned the counters for (sent after commit)."""
+    amount, key = plan.charge.billed, plan.key
     if amount > 0 and row is not None and row[0] is not None:
-        _notify_if_low(user_id, from_units(row[0]), amount)
+        _notify_if_low(plan.draft.user_id, from_units(row[0]), amount)
     if amount > 0 and key is not None and row is not None:
-        _notify_if_key_limit(key[0], user_id, amount, _utc_day(at), row[1:])
+        _notify_if_key_limit(key[0], plan.draft.user_id, amount, _utc_day(plan.at), row[1:])
