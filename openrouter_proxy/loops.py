@@ -30,15 +30,25 @@ class PerLoop(Generic[T]):
         self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
         )
+        # The loop last asked for and its value: a worker serves from one loop,
+        # and looking it up in the weak dictionary costs a weak reference a call.
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], T] | None = None
 
     def get(self) -> T:
         """The running loop's value."""
         loop = asyncio.get_running_loop()
-        found = self._values.get(loop)
+        last = self._last
+        if last is not None and last[0]() is loop:
+            found: T | None = last[1]
+        else:
+            found = self._values.get(loop)
         if found is None or (self._usable is not None and not self._usable(found)):
             found = self._values[loop] = self._make()
+        if last is None or last[1] is not found:
+            self._last = (weakref.ref(loop), found)
         return found
 
     def pop(self) -> T | None:
         """The running loop's value, forgotten (to close it); None if it has none."""
+        self._last = None
         return self._values.pop(asyncio.get_running_loop(), None)
