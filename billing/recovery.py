@@ -140,12 +140,18 @@ def _answered_many_sql() -> str:
     table, column = _sql_names(OpenRequest)
     request_id, generation_id = column("request_id"), column("generation_id")
     answered_at = column("answered_at")
+    pk = column("id")
+    # The rows are locked in the order of their request ids, as a batch of
+    # records locks the traces it deletes (billing.services.recording): the two
+    # never wait on each other in a circle.
     return (
         f"UPDATE {table} SET {generation_id} = v.generation_id, "  # noqa: S608 (names from models)
         f"{answered_at} = v.answered_at "
-        "FROM unnest(%s::uuid[], %s::text[], %s::timestamptz[]) "
-        "AS v(request_id, generation_id, answered_at) "
-        f"WHERE {table}.{request_id} = v.request_id"
+        f"FROM (SELECT t.{pk}, u.generation_id, u.answered_at FROM {table} AS t "
+        "JOIN unnest(%s::uuid[], %s::text[], %s::timestamptz[]) "
+        f"AS u(request_id, generation_id, answered_at) ON t.{request_id} = u.request_id "
+        f"ORDER BY t.{request_id} FOR UPDATE OF t) AS v "
+        f"WHERE {table}.{pk} = v.{pk}"
     )
 
 

@@ -186,11 +186,14 @@ def record_usage_many(drafts: Sequence[UsageDraft]) -> list[Recorded]:
         (_plan(draft) for draft in drafts),
         key=lambda plan: (plan.draft.user_id, plan.key[0] if plan.key else 0),
     )
-    statements = [_record_and_charge_statement(plan) for plan in plans]
+    statements = [_record_and_charge_statement(plan, closes=False) for plan in plans]
     sql = statements[0][0]
     assert all(text == sql for text, _ in statements)
     with transaction.atomic():
         with hot_cursor() as cursor:
+            # The traces first, each locked in the order of its request id, as
+            # the answer notes lock them (billing.recovery.mark_answered_many).
+            cursor.execute(_close_traces_sql(), [[plan.draft.request_id for plan in plans]])
             rows = _execute_many_returning(cursor, sql, [params for _, params in statements])
         for plan, row in zip(plans, rows, strict=True):
             _notify_after_charge(plan, row)
@@ -415,8 +418,12 @@ def _notify_if_key_limit(
 
 
 @functools.cache
-def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...]) -> str:
-    """The text of :func:`_record_and_charge_in_one_statement`: the same on every request."""
+def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...], closes: bool) -> str:
+    """The text of :func:`_record_and_charge_in_one_statement`: the same on every request.
+
+    With ``closes``, the statement also deletes the request's trace (its last
+    parameter); a batch deletes its traces itself, first (:func:`_close_traces_sql`).
+    """
     record_table, record_column = _sql_names(UsageRecord)
     ledger_table, ledger_column = _sql_names(CreditLedgerEntry)
     _, account_column = _sql_names(CreditAccount)
@@ -424,30 +431,37 @@ def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...]) -> str:
     meter_upsert = _meter_upsert_sql(
         "SELECT %s, %s, %s, %s, %s, %s, '', 0, %s FROM account WHERE %s"
     )
-    return (
-        f"WITH record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
+    clauses = [
+        f"record AS (INSERT INTO {record_table} "  # noqa: S608  (names from models)
         f"({', '.join(map(record_column, record_fields))}) "
         f"VALUES ({', '.join(['%s'] * len(record_fields))}) "
-        f"RETURNING {record_column('id')}), "
-        f"entry AS (INSERT INTO {ledger_table} ({ledger_column('user')}, {ledger_column('kind')}, "
+        f"RETURNING {record_column('id')})",
+        f"entry AS (INSERT INTO {ledger_table} ({ledger_column('user')}, "  # noqa: S608
+        f"{ledger_column('kind')}, "
         f"{ledger_column('amount')}, {ledger_column('reference')}, {ledger_column('note')}, "
         f"{ledger_column('usage_record')}, {ledger_column('created_at')}) "
-        f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s), "
-        f"account AS ({_account_upsert_sql()}), "
+        f"SELECT %s, %s, %s, %s, '', {record_column('id')}, %s FROM record WHERE %s)",
+        f"account AS ({_account_upsert_sql()})",
         # After the account (it selects from it): rows are locked account first.
-        f"meter AS ({meter_upsert}), "
+        f"meter AS ({meter_upsert})",
+    ]
+    if closes:
         # The request's write-ahead trace has done its job (see billing.recovery).
-        f"closed AS (DELETE FROM {trace_table} WHERE {trace_column('request_id')} = %s) "
+        clauses.append(
+            f"closed AS (DELETE FROM {trace_table} WHERE {trace_column('request_id')} = %s)"  # noqa: S608
+        )
+    return (
+        f"WITH {', '.join(clauses)} "  # noqa: S608  (names from models)
         f"SELECT (SELECT {account_column('balance')} FROM account), meter.* "
         "FROM (SELECT 1) AS one LEFT JOIN meter ON true"
     )
 
 
-def _record_and_charge_statement(plan: _Plan) -> tuple[str, list[Any]]:
+def _record_and_charge_statement(plan: _Plan, closes: bool = True) -> tuple[str, list[Any]]:
     """The text and parameters of :func:`_record_and_charge_in_one_statement`."""
     values, amount, at = plan.values, plan.charge.billed, plan.at
     user_id, request_id, key = plan.draft.user_id, plan.draft.request_id, plan.key
-    sql = _record_and_charge_sql(connection.vendor, tuple(values))
+    sql = _record_and_charge_sql(connection.vendor, tuple(values), closes)
     record_params = _prepared(UsageRecord, values)[1]
     at_value = connection.ops.adapt_datetimefield_value(at)
     params = [
@@ -464,9 +478,21 @@ def _record_and_charge_statement(plan: _Plan) -> tuple[str, list[Any]]:
         plan.release,
         *_meter_upsert_params(key or (0, ""), user_id, amount, at),
         key is not None and amount > 0,
-        request_id,
     ]
+    if closes:
+        params.append(request_id)
     return sql, params
+
+
+@functools.cache
+def _close_traces_sql() -> str:
+    """PostgreSQL: delete the traces of the requests an array names, locked in id order."""
+    table, column = _sql_names(OpenRequest)
+    pk, request_id = column("id"), column("request_id")
+    return (
+        f"DELETE FROM {table} WHERE {pk} IN (SELECT {pk} FROM {table} "  # noqa: S608
+        f"WHERE {request_id} = ANY(%s::uuid[]) ORDER BY {request_id} FOR UPDATE)"
+    )
 
 
 def _record_and_charge_in_one_statement(plan: _Plan) -> None:

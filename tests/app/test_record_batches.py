@@ -6,12 +6,15 @@ import asyncio
 import dataclasses
 import threading
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from billing import spool
 from billing.meter import BillingMeter
@@ -19,7 +22,8 @@ from billing.models import CreditAccount, CreditLedgerEntry, KeyMeter, OpenReque
 from billing.services import balance_of, check_key_meters, check_ledger
 from billing.signals import credits_low, key_limit_reached
 from openrouter_proxy import exchange
-from openrouter_proxy.metering import MeteredRequest, Receipt, UsageDraft
+from openrouter_proxy.metering import AnswerNote, MeteredRequest, Receipt, UsageDraft
+from terragon.apikeys.models import ApiKey
 from tests.app.test_prepared import its_draft, streamed_request
 from tests.support.accounts import Account, make_account
 
@@ -60,9 +64,37 @@ def test_a_batch_charges_each_draft_exactly_and_ends_every_trace() -> None:
     assert set(CreditAccount.objects.values_list("in_flight", flat=True)) == {0}
     ledger_is_clean()
     if connection.vendor == "postgresql":
-        records_written = [q for q in queries if "billing_usagerecord" in q["sql"]]
+        records_written = [q for q in queries if "billing_usagerecord" in (q["sql"] or "")]
         assert len(records_written) == 1
         assert records_written[0]["sql"].startswith("5 times: ")
+
+
+@transactional
+def test_a_batch_writes_in_the_order_every_writer_locks_the_rows() -> None:
+    """Users' accounts in ascending order, a user's keys likewise, whatever order they ended in.
+
+    Two batches of two workers that wrote the same accounts in opposite orders
+    waited on each other until PostgreSQL broke the deadlock, a second later.
+    """
+    meter = BillingMeter()
+    accounts = [make_account(f"user{n}") for n in range(3)]
+    second_key, _ = ApiKey.objects.issue(accounts[0].user, name="second")
+    requests = [admitted(meter, account) for account in reversed(accounts)]
+    other = dataclasses.replace(admitted(meter, accounts[0]), api_key_id=second_key.pk)
+    drafts = [its_draft(request, "0.01") for request in [other, *requests]]
+    batches: list[list[tuple[int, int]]] = []
+
+    def watch(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if many:  # the record's fields come first: its user, then its key
+            batches.append([(row[1], row[2]) for row in params])
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(watch):
+        meter.record_many(drafts)
+    if connection.vendor == "postgresql":
+        assert batches == [sorted((d.user_id, d.api_key_id or 0) for d in drafts)]
+    assert balance_of(accounts[0].user) == Decimal("9.98")
+    ledger_is_clean()
 
 
 @transactional
@@ -224,3 +256,66 @@ def test_a_batch_that_fails_is_recorded_alone_and_only_the_bad_draft_fails() -> 
     assert outcomes[:2] == [Receipt("settled")] * 2
     assert isinstance(outcomes[2], RuntimeError)
     assert outcomes[3] == Receipt("settled")
+
+
+@transactional
+def test_answer_notes_beside_a_batch_of_the_same_requests_never_deadlock(settings: Any) -> None:
+    """The notes and the batch lock the requests' traces in one order: neither waits in a circle.
+
+    Each round a batch of records and a note of every one of its requests go
+    at once, from two connections, the notes in the opposite order.
+    PostgreSQL counts every deadlock it broke.
+    """
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks across two connections: PostgreSQL's")
+    settings.BILLING_MAX_IN_FLIGHT = 100
+    meter = BillingMeter()
+    accounts = [make_account(f"user{n}") for n in range(4)]
+    before = _deadlocks()
+    failures: list[BaseException] = []
+    for _ in range(8):
+        requests = [admitted(meter, accounts[n % 4]) for n in range(60)]
+        drafts = [its_draft(request, "0.001") for request in requests]
+        now = timezone.now()
+        notes = [
+            AnswerNote(request.request_id, f"gen-{request.request_id}", now)
+            for request in sorted(requests, key=lambda r: r.request_id, reverse=True)
+        ]
+        sides: list[Callable[[], object]] = [
+            partial(meter.answered_many, notes),
+            partial(meter.record_many, drafts),
+        ]
+        _at_once(sides, failures)
+    assert failures == []
+    assert _deadlocks() == before
+    assert UsageRecord.objects.count() == 8 * 60
+    assert not OpenRequest.objects.exists()
+    ledger_is_clean()
+
+
+def _at_once(works: list[Callable[[], object]], failures: list[BaseException]) -> None:
+    """Run each of ``works`` on a thread (a database connection) of its own, all at once."""
+    start = threading.Barrier(len(works))
+
+    def run(work: Callable[[], object]) -> None:
+        start.wait(5)
+        try:
+            work()
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(work,)) for work in works]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+
+def _deadlocks() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        row = cursor.fetchone()
+    assert row is not None
+    return int(row[0])
