@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from datetime import datetime
 
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 
 from billing import recovery
 from billing.conf import billing_settings
@@ -37,7 +37,7 @@ from billing.services import (
     release_request,
     settle_pending,
 )
-from billing.services.admission import in_flight_bound, key_gate
+from billing.services.admission import admit_users_together, in_flight_bound, key_gate
 from billing.spool import record_usage_durably, record_usage_durably_many, replay_spool
 from openrouter_proxy.db import run_db
 from openrouter_proxy.metering import (
@@ -74,6 +74,46 @@ class BillingMeter:
             unrecorded=bill(request.ending_cost),
             key_unrecorded=bill(request.ending_key_cost),
         )
+
+    def admit_many(self, requests: Sequence[MeteredRequest]) -> list[AdmissionResult | Exception]:
+        """:meth:`admit` for several requests: those without key limits in one transaction.
+
+        That is on PostgreSQL, outside a caller's transaction; a request with
+        key limits, or any request elsewhere, is admitted alone after them,
+        its error (if any) in its place. Raises only when the transaction
+        fails, before anything else is done: then nothing of it was written.
+        """
+        together = [
+            index
+            for index, request in enumerate(requests)
+            if key_gate(request.api_key_id, request.limits) is None
+        ]
+        outcomes: dict[int, AdmissionResult | Exception] = {}
+        if (
+            len(together) > 1
+            and connection.vendor == "postgresql"
+            and not connection.in_atomic_block
+        ):
+            answers = admit_users_together(
+                [
+                    (
+                        requests[index].user_id,
+                        recovery.trace_values(requests[index]),
+                        in_flight_bound(requests[index].ending),
+                        to_units(bill(requests[index].ending_cost)),
+                    )
+                    for index in together
+                ]
+            )
+            for index, answer in zip(together, answers, strict=True):
+                outcomes[index] = AdmissionResult(answer)
+        for index, request in enumerate(requests):
+            if index not in outcomes:
+                try:
+                    outcomes[index] = self.admit(request)
+                except Exception as error:
+                    outcomes[index] = error
+        return [outcomes[index] for index in range(len(requests))]
 
     async def admit_async(self, request: MeteredRequest) -> AdmissionResult:
         """:meth:`admit` on the event loop: PostgreSQL, and a key without limits."""

@@ -23,8 +23,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -224,26 +225,138 @@ class _Records:
 
 def _record_all(meter: Meter, drafts: list[UsageDraft]) -> list[Receipt | Exception]:
     """Each draft's receipt, or what stopped its record; together where the meter can."""
-    record_many = getattr(meter, "record_many", None)
-    if record_many is not None and len(drafts) > 1:
+    return _together_or_each(getattr(meter, "record_many", None), meter.record, drafts, "record")
+
+
+def _together_or_each(
+    many: Callable[[list[Any]], Sequence[Any]] | None,
+    one: Callable[[Any], Any],
+    items: list[Any],
+    what: str,
+) -> list[Any]:
+    """``many(items)``, or, if it fails or there is none, ``one`` of each: each's outcome or error.
+
+    ``many`` must leave nothing written when it raises (the meter's promise).
+    """
+    if many is not None and len(items) > 1:
         try:
-            receipts: list[Receipt | Exception] = list(record_many(drafts))
+            outcomes = list(many(items))
         except Exception:
-            logger.warning("recording %d requests together failed; each alone", len(drafts))
+            logger.warning("could not %s %d requests together; each alone", what, len(items))
         else:
-            if len(receipts) == len(drafts):
-                return receipts
-            logger.error("record_many answered for %d of %d drafts", len(receipts), len(drafts))
-    outcomes: list[Receipt | Exception] = []
-    for draft in drafts:
+            if len(outcomes) == len(items):
+                return outcomes
+            logger.error("%s_many answered for %d of %d requests", what, len(outcomes), len(items))
+    answers: list[Any] = []
+    for item in items:
         try:
-            outcomes.append(meter.record(draft))
+            answers.append(one(item))
         except Exception as error:
-            outcomes.append(error)
-    return outcomes
+            answers.append(error)
+    return answers
 
 
 _records = PerLoop(_Records).get
+
+
+#: Admissions of one loop that may wait on the database threads at once; past
+#: it they queue, and the first of them to return sends the queue as one call.
+THREAD_ADMISSIONS = 2
+
+
+@dataclass(slots=True, eq=False)
+class _Admitting:
+    """One admission on its way through the database threads."""
+
+    meter: Meter
+    request: MeteredRequest
+    answer: asyncio.Future[AdmissionResult]
+    #: The thread call it went in, once it went (a call of its own can be
+    #: cancelled while queued: it never runs).
+    call: Future[Any] | None = None
+    alone: bool = False
+
+
+class _Admissions:
+    """The admissions of one event loop that go through the database threads.
+
+    An admission goes to a thread at once while fewer than
+    ``THREAD_ADMISSIONS`` are on their way; past that it queues, and when one
+    returns, every queued admission goes in one call (``admit_many``, one
+    transaction on PostgreSQL, where the meter has it). A busy worker then
+    spends one thread hop and one commit on several admissions, not one each.
+    """
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._queued: list[_Admitting] = []
+
+    def admit(self, meter: Meter, request: MeteredRequest) -> _Admitting:
+        admitting = _Admitting(meter, request, asyncio.get_running_loop().create_future())
+        if self._running < THREAD_ADMISSIONS or getattr(meter, "admit_many", None) is None:
+            self._send([admitting])
+        else:
+            self._queued.append(admitting)
+        return admitting
+
+    def withdraw(self, admitting: _Admitting) -> bool:
+        """Take back an admission whose caller left; True if it never ran (nothing taken)."""
+        if admitting in self._queued:
+            self._queued.remove(admitting)
+            return True
+        return admitting.alone and admitting.call is not None and admitting.call.cancel()
+
+    def _send(self, batch: list[_Admitting]) -> None:
+        loop = asyncio.get_running_loop()
+        self._running += 1
+        first = batch[0]
+        if len(batch) == 1:
+            call: Future[Any] = submit_db(first.meter.admit, first.request)
+        else:
+            call = submit_db(_admit_all, first.meter, [each.request for each in batch])
+        for each in batch:
+            each.call, each.alone = call, len(batch) == 1
+
+        def returned(done: Future[Any]) -> None:
+            # In the database thread (or here, if cancelled unrun).
+            with suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(self._answer, batch, done)
+
+        call.add_done_callback(returned)
+
+    def _answer(self, batch: list[_Admitting], call: Future[Any]) -> None:
+        self._running -= 1
+        outcomes: list[Any]
+        if call.cancelled():  # a call of its own, withdrawn while queued in its thread
+            for admitting in batch:
+                admitting.answer.cancel()
+            outcomes = []
+        elif (error := call.exception()) is not None:
+            outcomes = [error] * len(batch)
+        else:
+            outcomes = [call.result()] if len(batch) == 1 else call.result()
+        for admitting, outcome in zip(batch, outcomes, strict=False):
+            if admitting.answer.done():
+                continue
+            if isinstance(outcome, BaseException):
+                admitting.answer.set_exception(outcome)
+            else:
+                admitting.answer.set_result(outcome)
+        if self._queued and self._running < THREAD_ADMISSIONS:
+            queued, self._queued = self._queued, []
+            by_meter: dict[int, list[_Admitting]] = {}
+            for admitting in queued:
+                by_meter.setdefault(id(admitting.meter), []).append(admitting)
+            for together in by_meter.values():
+                self._send(together)
+
+
+def _admit_all(meter: Meter, requests: list[MeteredRequest]) -> list[AdmissionResult | Exception]:
+    """Each request's admission, or what stopped it; together where the meter can."""
+    return _together_or_each(getattr(meter, "admit_many", None), meter.admit, requests, "admit")
+
+
+_admissions = PerLoop(_Admissions).get
 
 
 def _ending(user_id: int, key_id: int | None) -> tuple[int, Decimal, Decimal]:
@@ -302,24 +415,25 @@ class Exchange:
         admit_async = None
         if _serving_loop.get() and _running < LOOP_ADMISSION_BELOW:
             admit_async = getattr(self.meter, "admit_async", None)
-        admitting: asyncio.Future[AdmissionResult] | Future[AdmissionResult]
+        admitting: asyncio.Future[AdmissionResult] | _Admitting
         if admit_async is not None:
             # A task of its own: a caller that leaves does not cut its statement short.
             task = asyncio.ensure_future(admit_async(request))
             admitting, waiting = task, asyncio.shield(task)
         else:
-            # The view waits on the database thread's own future: the loop
-            # resumes it one turn after the thread is done (a task and a shield
-            # around it took four turns, each long on a busy worker). A caller
-            # that leaves while the call is still queued cancels it unrun.
-            admitting = submit_db(self.meter.admit, request)
-            waiting = asyncio.wrap_future(admitting)
+            # Through the database threads, together with the admissions
+            # queued behind the ones on their way (see _Admissions). The loop
+            # resumes the view one turn after its call returns.
+            admitting = _admissions().admit(self.meter, request)
+            waiting = asyncio.shield(admitting.answer)
         self._count(+1)
         try:
             result: AdmissionResult = await waiting
         except BaseException as error:
             self._count(-1)
             if isinstance(error, asyncio.CancelledError):
+                if isinstance(admitting, _Admitting) and _admissions().withdraw(admitting):
+                    raise  # queued, never ran: nothing was taken
                 run_in_background(self._release_if_admitted(admitting, request))
             raise
         if not result.admitted:
@@ -337,20 +451,16 @@ class Exchange:
             _running += step
 
     async def _release_if_admitted(
-        self,
-        admitting: asyncio.Future[AdmissionResult] | Future[AdmissionResult],
-        request: MeteredRequest,
+        self, admitting: asyncio.Future[AdmissionResult] | _Admitting, request: MeteredRequest
     ) -> None:
         """Give back the slot of an admission whose caller left before hearing it."""
-        if isinstance(admitting, Future):
-            try:
-                result = await asyncio.wrap_future(admitting)
-            except asyncio.CancelledError:
-                if admitting.cancelled():
-                    return  # cancelled while queued: it never ran, nothing was taken
-                raise
-        else:
-            result = await admitting
+        answer = admitting.answer if isinstance(admitting, _Admitting) else admitting
+        try:
+            result = await answer
+        except asyncio.CancelledError:
+            if isinstance(admitting, _Admitting):
+                return  # cancelled while queued in its thread: it never ran
+            raise
         if result.admitted:
             await run_db(self.meter.release, request)
 

@@ -29,7 +29,12 @@ keeps the order:
 * ``beat`` every ``heartbeat_interval`` seconds from each serving event loop,
   and ``retire`` when the loop stops cleanly.
 
-Four methods are optional. ``answered_many(notes)``, when the meter has it,
+Five methods are optional. ``admit_many(requests)``, when the meter has it,
+takes the admissions that queued on a loop behind the ones on their way to
+the database threads, and returns for each, in order, its
+:class:`AdmissionResult` or the exception its admission raised; if it raises,
+nothing of it may have been written, and the proxy admits each alone with
+``admit``. ``answered_many(notes)``, when the meter has it,
 takes several :class:`AnswerNote` s in one call (a busy worker tells the
 generations of its streams in batches; otherwise one ``answered`` call per
 note). ``record_many(drafts)`` likewise takes the drafts of the requests that

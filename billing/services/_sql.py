@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -125,3 +126,33 @@ def _insert_returning_pk(model: type[models.Model], values: dict[str, Any]) -> i
         row = cursor.fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _execute_many_returning(cursor: CursorWrapper, sql: str, batch: list[list[Any]]) -> list[Any]:
+    """Run one statement once per parameter list, pipelined; the first row of each run.
+
+    Django's ``executemany`` keeps no statement's rows, so this calls psycopg's
+    own, as Django's would: through the connection's execute wrappers
+    (``connection.execute_wrapper``), with Django's database errors, and in
+    ``connection.queries`` when they are logged.
+    """
+    raw = cursor.cursor
+    rows: list[Any] = []
+
+    def execute(sql: str, params: Any, many: bool, context: dict[str, Any]) -> None:
+        started = time.monotonic()
+        with connection.wrap_database_errors:
+            raw.executemany(sql, params, returning=True)
+            for _ in params:
+                rows.append(raw.fetchone())
+                raw.nextset()
+        if connection.queries_logged:
+            duration = time.monotonic() - started
+            entry = {"sql": f"{len(params)} times: {sql}", "time": f"{duration:.3f}"}
+            connection.queries_log.append(entry)
+
+    executor: Any = execute
+    for wrapper in reversed(connection.execute_wrappers):
+        executor = functools.partial(wrapper, executor)
+    executor(sql, batch, True, {"connection": connection, "cursor": cursor})
+    return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,6 +25,7 @@ from billing.conf import billing_settings
 from billing.models import CreditAccount, KeyMeter, OpenRequest
 from billing.money import from_units, to_units
 from billing.services._sql import (
+    _execute_many_returning,
     _insert_returning_pk,
     _prepared,
     _sql_names,
@@ -188,10 +190,42 @@ def _admit_user(
         return statement.refusal(cursor.fetchone()), False
 
 
+def admit_users_together(
+    admissions: Sequence[tuple[int, dict[str, Any] | None, int, int]],
+) -> list[Admission]:
+    """PostgreSQL: several requests' admissions without key limits, in one transaction.
+
+    Each of ``admissions`` is (user id, trace, bound, held), as
+    :func:`_admit_user` takes them. Their statements (each the one an
+    admission alone runs, trace and all) go pipelined, in the order of the
+    users' rows, as every other writer of several accounts locks them; each
+    sees the slots the ones before it took. The balances that tell why a
+    refused one was refused are read in the same transaction, so an error
+    leaves nothing of it written.
+    """
+    statements = [
+        user_admission(user_id, trace, bound, with_trace=True, held=held)
+        for user_id, trace, bound, held in admissions
+    ]
+    order = sorted(range(len(statements)), key=lambda index: statements[index].user_id)
+    sql = statements[0].sql + " RETURNING 1"
+    assert all(statement.sql == statements[0].sql for statement in statements)
+    answers: list[Admission] = [Admission.ADMITTED] * len(statements)
+    with transaction.atomic(), hot_cursor() as cursor:
+        rows = _execute_many_returning(cursor, sql, [statements[i].params for i in order])
+        for index, row in zip(order, rows, strict=True):
+            if row is None:
+                statement = statements[index]
+                cursor.execute(statement.balance_sql, [statement.user_id])
+                answers[index] = statement.refusal(cursor.fetchone())
+    return answers
+
+
 @dataclass(frozen=True, slots=True)
 class UserAdmission:
     """The statement of :func:`_admit_user`, for whichever connection runs it."""
 
+    user_id: int
     sql: str
     params: list[Any]
     #: Whether the statement also writes the request's trace.
@@ -234,7 +268,7 @@ def user_admission(
         trace_fields = tuple(trace)
         params += _prepared(OpenRequest, trace, on)[1]
     take_slot, balance_sql = _admission_sql(on.vendor, trace_fields)
-    return UserAdmission(take_slot, params, trace_fields is not None, balance_sql, held)
+    return UserAdmission(user_id, take_slot, params, trace_fields is not None, balance_sql, held)
 
 
 @functools.cache

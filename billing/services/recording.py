@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.backends.utils import CursorWrapper
 from django.utils import timezone
 
 from billing.models import (
@@ -30,6 +28,7 @@ from billing.models import (
 )
 from billing.money import from_units, to_units
 from billing.services._sql import (
+    _execute_many_returning,
     _insert_returning_pk,
     _prepared,
     _sql_names,
@@ -199,36 +198,6 @@ def record_usage_many(drafts: Sequence[UsageDraft]) -> list[Recorded]:
             _notify_after_charge(plan, row)
     settlements = {plan.draft.request_id: plan.charge.settlement for plan in plans}
     return [Recorded(RecordResult.RECORDED, settlements[draft.request_id]) for draft in drafts]
-
-
-def _execute_many_returning(cursor: CursorWrapper, sql: str, batch: list[list[Any]]) -> list[Any]:
-    """Run one statement once per parameter list, pipelined; the first row of each run.
-
-    Django's ``executemany`` keeps no statement's rows, so this calls psycopg's
-    own, as Django's would: through the connection's execute wrappers
-    (``connection.execute_wrapper``), with Django's database errors, and in
-    ``connection.queries`` when they are logged.
-    """
-    raw = cursor.cursor
-    rows: list[Any] = []
-
-    def execute(sql: str, params: Any, many: bool, context: dict[str, Any]) -> None:
-        started = time.monotonic()
-        with connection.wrap_database_errors:
-            raw.executemany(sql, params, returning=True)
-            for _ in params:
-                rows.append(raw.fetchone())
-                raw.nextset()
-        if connection.queries_logged:
-            duration = time.monotonic() - started
-            entry = {"sql": f"{len(params)} times: {sql}", "time": f"{duration:.3f}"}
-            connection.queries_log.append(entry)
-
-    executor: Any = execute
-    for wrapper in reversed(connection.execute_wrappers):
-        executor = functools.partial(wrapper, executor)
-    executor(sql, batch, True, {"connection": connection, "cursor": cursor})
-    return rows
 
 
 def _locked_if_pending(record_id: int) -> UsageRecord | None:
