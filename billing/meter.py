@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from contextlib import suppress
 from datetime import datetime
+from typing import Any
 
 from django.db import DatabaseError, connection
 
@@ -52,6 +53,16 @@ from openrouter_proxy.metering import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def _user_admission(request: MeteredRequest) -> tuple[int, dict[str, Any], int, int]:
+    """What the admission of a request without key limits takes: user, trace, bound, held."""
+    return (
+        request.user_id,
+        recovery.trace_values(request),
+        in_flight_bound(request.ending),
+        to_units(bill(request.ending_cost)),
+    )
 
 
 class BillingMeter:
@@ -94,17 +105,7 @@ class BillingMeter:
             and connection.vendor == "postgresql"
             and not connection.in_atomic_block
         ):
-            answers = admit_users_together(
-                [
-                    (
-                        requests[index].user_id,
-                        recovery.trace_values(requests[index]),
-                        in_flight_bound(requests[index].ending),
-                        to_units(bill(requests[index].ending_cost)),
-                    )
-                    for index in together
-                ]
-            )
+            answers = admit_users_together([_user_admission(requests[i]) for i in together])
             for index, answer in zip(together, answers, strict=True):
                 outcomes[index] = AdmissionResult(answer)
         for index, request in enumerate(requests):
@@ -120,12 +121,7 @@ class BillingMeter:
         gate = key_gate(request.api_key_id, request.limits)
         if not admission_async.available() or gate is not None:
             return await run_db(self.admit, request)
-        admission, _ = await admission_async.admit_user(
-            request.user_id,
-            recovery.trace_values(request),
-            in_flight_bound(request.ending),
-            held=to_units(bill(request.ending_cost)),
-        )
+        admission, _ = await admission_async.admit_user(*_user_admission(request))
         return AdmissionResult(admission)
 
     async def aclose(self) -> None:

@@ -23,14 +23,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import DatabaseError
 from django.utils import timezone
@@ -52,6 +52,8 @@ from openrouter_proxy.metering import (
 from openrouter_proxy.settlement import run_in_background, settle_from_generation
 
 logger = logging.getLogger("openrouter_proxy.requests")
+
+E = TypeVar("E")
 
 #: Records this worker is still writing, by caller, each with its key and its
 #: reported cost (None: not reported) (see ``MeteredRequest.ending``).
@@ -83,7 +85,7 @@ _running = 0
 #: request is spared two thread hops (about 0.7 ms here). Past it the worker is
 #: busy and the database threads cost it less CPU per admission (their driver
 #: waits in C without the loop), so the threads take over.
-LOOP_ADMISSION_BELOW = int(__import__("os").environ.get("EXP_BELOW", "8"))
+LOOP_ADMISSION_BELOW = 8
 
 
 def records_in_progress() -> int:
@@ -138,10 +140,8 @@ class _AnswerNotes:
             await asyncio.sleep(0)
             while self._waiting:
                 batch, self._waiting = self._waiting, {}
-                by_meter: dict[int, tuple[Meter, list[AnswerNote]]] = {}
-                for meter, note in batch.values():
-                    by_meter.setdefault(id(meter), (meter, []))[1].append(note)
-                for meter, notes in by_meter.values():
+                for meter, entries in _by_meter(batch.values(), lambda entry: entry[0]):
+                    notes = [note for _, note in entries]
                     try:
                         await run_db(_tell_meter, meter, notes)
                     except DatabaseError:
@@ -193,13 +193,10 @@ class _Records:
             await asyncio.sleep(0)  # the drafts of the requests ending in this turn
             while self._waiting:
                 batch, self._waiting = self._waiting, []
-                by_meter: dict[int, list[tuple[Meter, UsageDraft, asyncio.Future[Receipt]]]] = {}
-                for entry in batch:
-                    by_meter.setdefault(id(entry[0]), []).append(entry)
-                for entries in by_meter.values():
+                for meter, entries in _by_meter(batch, lambda entry: entry[0]):
                     drafts = [draft for _, draft, _ in entries]
                     try:
-                        outcomes = await run_db(_record_all, entries[0][0], drafts)
+                        outcomes = await run_db(_record_all, meter, drafts)
                     except asyncio.CancelledError:
                         # A stop that would not wait longer: the thread still
                         # writes a batch it started; the rest is left to recovery.
@@ -326,28 +323,24 @@ class _Admissions:
 
     def _answer(self, batch: list[_Admitting], call: Future[Any]) -> None:
         self._running -= 1
-        outcomes: list[Any]
         if call.cancelled():  # a call of its own, withdrawn while queued in its thread
-            for admitting in batch:
-                admitting.answer.cancel()
-            outcomes = []
-        elif (error := call.exception()) is not None:
-            outcomes = [error] * len(batch)
+            batch[0].answer.cancel()
         else:
-            outcomes = [call.result()] if len(batch) == 1 else call.result()
-        for admitting, outcome in zip(batch, outcomes, strict=False):
-            if admitting.answer.done():
-                continue
-            if isinstance(outcome, BaseException):
-                admitting.answer.set_exception(outcome)
+            outcomes: list[Any]
+            if (error := call.exception()) is not None:
+                outcomes = [error] * len(batch)
             else:
-                admitting.answer.set_result(outcome)
+                outcomes = [call.result()] if len(batch) == 1 else call.result()
+            for admitting, outcome in zip(batch, outcomes, strict=True):
+                if admitting.answer.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    admitting.answer.set_exception(outcome)
+                else:
+                    admitting.answer.set_result(outcome)
         if self._queued and self._running < THREAD_ADMISSIONS:
             queued, self._queued = self._queued, []
-            by_meter: dict[int, list[_Admitting]] = {}
-            for admitting in queued:
-                by_meter.setdefault(id(admitting.meter), []).append(admitting)
-            for together in by_meter.values():
+            for _, together in _by_meter(queued, lambda admitting: admitting.meter):
                 self._send(together)
 
 
@@ -357,6 +350,15 @@ def _admit_all(meter: Meter, requests: list[MeteredRequest]) -> list[AdmissionRe
 
 
 _admissions = PerLoop(_Admissions).get
+
+
+def _by_meter(entries: Iterable[E], meter_of: Callable[[E], Meter]) -> list[tuple[Meter, list[E]]]:
+    """``entries`` grouped by their meter (one in practice), each group in its order."""
+    groups: dict[int, tuple[Meter, list[E]]] = {}
+    for entry in entries:
+        meter = meter_of(entry)
+        groups.setdefault(id(meter), (meter, []))[1].append(entry)
+    return list(groups.values())
 
 
 def _ending(user_id: int, key_id: int | None) -> tuple[int, Decimal, Decimal]:
@@ -454,13 +456,8 @@ class Exchange:
         self, admitting: asyncio.Future[AdmissionResult] | _Admitting, request: MeteredRequest
     ) -> None:
         """Give back the slot of an admission whose caller left before hearing it."""
-        answer = admitting.answer if isinstance(admitting, _Admitting) else admitting
-        try:
-            result = await answer
-        except asyncio.CancelledError:
-            if isinstance(admitting, _Admitting):
-                return  # cancelled while queued in its thread: it never ran
-            raise
+        # One withdrawn unrun never gets here (see admit): this one ran, or runs.
+        result = await (admitting.answer if isinstance(admitting, _Admitting) else admitting)
         if result.admitted:
             await run_db(self.meter.release, request)
 

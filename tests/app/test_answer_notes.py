@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -19,6 +18,7 @@ from openrouter_proxy import exchange
 from openrouter_proxy.metering import AnswerNote
 from tests.app.test_prepared import streamed_request
 from tests.support.accounts import make_account
+from tests.support.waiting import HeldFirstCall
 
 
 @pytest.mark.django_db(transaction=True)
@@ -49,20 +49,13 @@ def test_many_notes_land_on_their_traces_each_with_its_own_time() -> None:
         assert len(queries) == 1  # whatever the number of notes
 
 
-class RecordingMeter:
+class RecordingMeter(HeldFirstCall):
     """A meter that keeps the notes it is told; its first call waits until let go."""
 
     def __init__(self, *, many: bool) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
-        self.first_call = threading.Event()
-        self.let_go = threading.Event()
+        super().__init__()
         if many:
             self.answered_many = self._answered_many
-
-    def _wait_if_first(self) -> None:
-        if not self.calls:
-            self.first_call.set()
-            assert self.let_go.wait(10)
 
     def answered(self, request_id: uuid.UUID, generation_id: str) -> None:
         self._wait_if_first()

@@ -26,6 +26,7 @@ from openrouter_proxy.metering import AnswerNote, MeteredRequest, Receipt, Usage
 from terragon.apikeys.models import ApiKey
 from tests.app.test_prepared import its_draft, streamed_request
 from tests.support.accounts import Account, make_account
+from tests.support.waiting import HeldFirstCall
 
 transactional = pytest.mark.django_db(transaction=True)
 
@@ -178,21 +179,14 @@ def test_a_database_that_fails_the_batch_gets_each_draft_alone(monkeypatch: Any)
 # --- The proxy's side: one event loop's records, in batches -------------------------------
 
 
-class Meter:
+class Meter(HeldFirstCall):
     """Records what it is given; its first call waits until let go."""
 
     def __init__(self, *, many: bool, failing: frozenset[str] = frozenset()) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
-        self.first_call = threading.Event()
-        self.let_go = threading.Event()
+        super().__init__()
         self.failing = failing
         if many:
             self.record_many = self._record_many
-
-    def _wait_if_first(self) -> None:
-        if not self.calls:
-            self.first_call.set()
-            assert self.let_go.wait(10)
 
     def record(self, draft: UsageDraft) -> Receipt:
         self._wait_if_first()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -49,3 +50,21 @@ def after_records(execute: Callable[..., Any], *args: Any) -> Any:
     if records_in_progress():
         wait_for(lambda: not records_in_progress(), "the records of ended requests")
     return execute(*args)
+
+
+class HeldFirstCall:
+    """A test double whose first call (from a database thread) waits until let go.
+
+    Its calls are noted in ``calls``, each as (how, names); ``first_call`` is
+    set once the first has begun, and it returns once ``let_go`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.first_call = threading.Event()
+        self.let_go = threading.Event()
+
+    def _wait_if_first(self) -> None:
+        if not self.calls:
+            self.first_call.set()
+            assert self.let_go.wait(10)
