@@ -49,7 +49,14 @@ from django.core.exceptions import (
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.http import Http404, HttpRequest
 from django.http.response import HttpResponseBase
-from django.urls import NoReverseMatch, reverse, set_script_prefix
+from django.urls import (
+    NoReverseMatch,
+    ResolverMatch,
+    URLResolver,
+    get_resolver,
+    reverse,
+    set_script_prefix,
+)
 
 from openrouter_proxy import db, observability
 from openrouter_proxy.callers import extract_token, get_verifier
@@ -86,6 +93,7 @@ DJANGO_INTERNALS = (
     ("BaseHandler", "_view_middleware", "set empty; read by _get_response_async"),
     ("BaseHandler", "_template_response_middleware", "set empty; read likewise"),
     ("BaseHandler", "_exception_middleware", "set empty; read likewise"),
+    ("BaseHandler", "resolve_request", "overridden: _get_response_async calls it for the view"),
     ("HttpResponseBase", "_handler_class", "set; read by close()"),
 )
 
@@ -123,8 +131,40 @@ class RequestBody:
         self._data, self._position = b"", 0
 
 
+#: How many paths a proxy handler remembers the view of, and the longest it remembers.
+RESOLVED_PATHS = 256
+RESOLVED_PATH_LENGTH = 512
+
+
 class ProxyHandler(ASGIHandler):
     """Django's ASGI handler with no middleware, no request signals, a body limit."""
+
+    #: The URLconf's resolver, and the match of each path it resolved here.
+    _resolver: URLResolver | None = None
+    _matches: dict[str, ResolverMatch]
+
+    def resolve_request(self, request: HttpRequest) -> ResolverMatch:
+        """Django's resolution of the request's view, remembered for each path.
+
+        A proxied request's path is one of the few its clients call (its
+        resolution walks the site's whole URLconf), and no middleware here
+        can give it a URLconf of its own. The matches are of the resolver
+        the URLconf has now: a new one (``clear_url_caches``, a test's
+        ``ROOT_URLCONF``) starts afresh.
+        """
+        if hasattr(request, "urlconf"):
+            return super().resolve_request(request)
+        resolver = get_resolver()
+        if resolver is not self._resolver:
+            self._resolver, self._matches = resolver, {}
+        path = request.path_info
+        match = self._matches.get(path)
+        if match is None:
+            match = resolver.resolve(path)
+            if len(self._matches) < RESOLVED_PATHS and len(path) <= RESOLVED_PATH_LENGTH:
+                self._matches[path] = match
+        request.resolver_match = match
+        return match
 
     def load_middleware(self, is_async: bool = False) -> None:
         self._view_middleware: list[Any] = []

@@ -40,6 +40,7 @@ def test_every_internal_the_fast_path_names_is_pinned_here() -> None:
         "_template_response_middleware",
         "_exception_middleware",
         "_handler_class",
+        "resolve_request",
     }
 
 
@@ -61,6 +62,18 @@ def test_the_response_path_the_fast_path_replaces() -> None:
         assert f"self.{name}" in loading, name
     assert "self._middleware_chain = " in loading
     assert ProxyHandler.load_middleware is not BaseHandler.load_middleware
+
+
+def test_the_view_resolution_the_fast_path_remembers() -> None:
+    # _get_response_async takes the view from resolve_request, which answers
+    # a match that unpacks as (view, args, kwargs) and sets it on the request.
+    respond = _source(BaseHandler._get_response_async)  # type: ignore[attr-defined]
+    assert "self.resolve_request(request)" in respond
+    resolving = _source(BaseHandler.resolve_request)
+    assert list(inspect.signature(BaseHandler.resolve_request).parameters) == ["self", "request"]
+    assert "request.resolver_match = resolver_match" in resolving
+    assert 'hasattr(request, "urlconf")' in resolving
+    assert ProxyHandler.resolve_request is not BaseHandler.resolve_request
 
 
 def test_a_response_reports_its_handler_when_closed() -> None:
