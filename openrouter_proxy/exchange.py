@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from contextvars import ContextVar
@@ -57,7 +57,7 @@ E = TypeVar("E")
 
 #: Records this worker is still writing, by caller, each with its key and its
 #: reported cost (None: not reported) (see ``MeteredRequest.ending``).
-_recording: dict[int, dict[asyncio.Task[None], tuple[int | None, Decimal | None]]] = {}
+_recording: dict[int, dict[asyncio.Future[Receipt], tuple[int | None, Decimal | None]]] = {}
 _serving_loop: ContextVar[bool] = ContextVar("serving_loop", default=False)
 
 
@@ -93,19 +93,48 @@ def records_in_progress() -> int:
     return sum(len(tasks) for tasks in list(_recording.values()))
 
 
-def _start_record(draft: UsageDraft, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    task = run_in_background(coro)
+def _start_record(meter: Meter, draft: UsageDraft) -> asyncio.Future[Receipt]:
+    """Hand the draft to this loop's records; the rest is done when its receipt comes.
+
+    No task of its own: the receipt's future carries the request to its end
+    (counted among the caller's ending requests until then, see
+    :func:`_ending`), and a stopping worker waits for the records' writer.
+    """
+    # The record carries the generation id itself: a note of it still waiting
+    # is dropped, and one already on its way lands on the request's trace
+    # or, once the record has ended the trace, on nothing. Either way the
+    # request never waits for it.
+    _answer_notes().drop(draft.request_id)
+    receipt = _records().add(meter, draft)
     user_id = draft.user_id
     pending = _recording.setdefault(user_id, {})
-    pending[task] = (draft.api_key_id, draft.usage.provider_cost)
+    pending[receipt] = (draft.api_key_id, draft.usage.provider_cost)
 
-    def written(done: asyncio.Task[None]) -> None:
+    def written(done: asyncio.Future[Receipt]) -> None:
         pending.pop(done, None)
         if not pending and _recording.get(user_id) is pending:
             del _recording[user_id]
+        _recorded(meter, draft, done)
 
-    task.add_done_callback(written)
-    return task
+    receipt.add_done_callback(written)
+    return receipt
+
+
+def _recorded(meter: Meter, draft: UsageDraft, receipt: asyncio.Future[Receipt]) -> None:
+    """What follows a request's record: its metrics and log line, its settlement if it waits."""
+    if receipt.cancelled():
+        return  # a stop that would not wait longer: the trace is left to recovery
+    error = receipt.exception()
+    if error is not None:
+        # The response has ended; the request's trace is left to recovery.
+        logger.error("could not record request %s", draft.request_id, exc_info=error)
+        return
+    recorded = receipt.result()
+    observability.billed_request_finished(draft, recorded)
+    if recorded.awaits_cost and draft.usage.generation_id:
+        run_in_background(
+            settle_from_generation(meter, draft.request_id, draft.usage.generation_id)
+        )
 
 
 class _AnswerNotes:
@@ -518,24 +547,8 @@ class Exchange:
         """
         self._count(-1)
         draft = self.draft(outcome, capture, error, cost_unknown=cost_unknown)
-        task = _start_record(draft, self._record(draft))
+        receipt = _start_record(self.meter, draft)
         if not _serving_loop.get():
-            await asyncio.shield(task)
-
-    async def _record(self, draft: UsageDraft) -> None:
-        # The record carries the generation id itself: a note of it still waiting
-        # is dropped, and one already on its way lands on the request's trace
-        # or, once the record has ended the trace, on nothing. Either way the
-        # request never waits for it.
-        _answer_notes().drop(self.request_id)
-        try:
-            receipt = await _records().add(self.meter, draft)
-        except Exception:
-            # The response has ended; the request's trace is left to recovery.
-            logger.exception("could not record request %s", draft.request_id)
-            return
-        observability.billed_request_finished(draft, receipt)
-        if receipt.awaits_cost and draft.usage.generation_id:
-            run_in_background(
-                settle_from_generation(self.meter, draft.request_id, draft.usage.generation_id)
-            )
+            # Its callback (metrics, log line) runs before this resumes; it logs an error.
+            with suppress(Exception):
+                await asyncio.shield(receipt)

@@ -9,6 +9,7 @@ swallowed.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from openrouter_proxy import metrics
 from openrouter_proxy.metering import Receipt, UsageDraft
@@ -16,11 +17,30 @@ from openrouter_proxy.metering import Receipt, UsageDraft
 logger = logging.getLogger(__name__)
 request_log = logging.getLogger("openrouter_proxy.requests")
 
+#: Each metric's child per label values, as ``labels()`` made it; at most this many.
+CHILDREN = 4096
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, looked up once (``labels`` validates and locks on each call).
+
+    The child is the very object ``labels`` keeps, so what it counts is
+    exported as before.
+    """
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = metric.labels(*values)
+        if len(_children) < CHILDREN:
+            _children[key] = child
+    return child
+
 
 def request_refused(status: int, code: str) -> None:
     """A request answered by the gateway itself with an error (401, 402, 429...)."""
     try:
-        metrics.REFUSED.labels(status=str(status), code=code or "unknown").inc()
+        _child(metrics.REFUSED, str(status), code or "unknown").inc()
     except Exception:
         logger.warning("metrics: request_refused failed", exc_info=True)
 
@@ -39,17 +59,16 @@ def billed_request_finished(draft: UsageDraft, receipt: Receipt) -> None:
         metrics.IN_FLIGHT.dec()
         model = draft.usage.model or draft.requested_model or "unknown"
         status = str(draft.http_status) if draft.http_status is not None else "none"
-        metrics.REQUESTS.labels(
-            endpoint=draft.endpoint, model=model, outcome=draft.outcome, status=status
-        ).inc()
-        metrics.RECORDED.labels(settlement=receipt.settlement).inc()
+        # In the order of each metric's label names (see openrouter_proxy.metrics).
+        _child(metrics.REQUESTS, draft.endpoint, model, draft.outcome, status).inc()
+        _child(metrics.RECORDED, receipt.settlement).inc()
         if receipt.charged:
             # The Decimal becomes a float only here: the metric is not the ledger.
-            metrics.CHARGED.labels(model=model).inc(float(receipt.charged))
+            _child(metrics.CHARGED, model).inc(float(receipt.charged))
         if draft.upstream_latency_ms is not None:
-            metrics.UPSTREAM_LATENCY.labels(model=model).observe(draft.upstream_latency_ms / 1000)
+            _child(metrics.UPSTREAM_LATENCY, model).observe(draft.upstream_latency_ms / 1000)
         if draft.ttfb_ms is not None:
-            metrics.TIME_TO_FIRST_BYTE.labels(model=model).observe(draft.ttfb_ms / 1000)
+            _child(metrics.TIME_TO_FIRST_BYTE, model).observe(draft.ttfb_ms / 1000)
     except Exception:
         logger.warning("metrics: billed_request_finished failed", exc_info=True)
     if request_log.isEnabledFor(logging.INFO):
@@ -80,6 +99,6 @@ def log_request(draft: UsageDraft, receipt: Receipt) -> None:
 def pending_settled(settled: bool) -> None:
     """An in-process settlement attempt for a pending record ended."""
     try:
-        metrics.SETTLEMENTS.labels(result="settled" if settled else "not_settled").inc()
+        _child(metrics.SETTLEMENTS, "settled" if settled else "not_settled").inc()
     except Exception:
         logger.warning("metrics: pending_settled failed", exc_info=True)

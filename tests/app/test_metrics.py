@@ -143,6 +143,29 @@ def test_spooled_and_odd_drafts_never_raise(account: Account) -> None:
     assert sample(text, "openrouter_proxy_usage_records_total", settlement="spooled")
 
 
+def test_a_metrics_children_are_looked_up_once_and_are_the_ones_it_exports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(observability, "_children", {})
+    child = observability._child(metrics.REQUESTS, "chat", "m/one", "ok", "200")
+    assert child is metrics.REQUESTS.labels(
+        endpoint="chat", model="m/one", outcome="ok", status="200"
+    )
+    assert observability._child(metrics.REQUESTS, "chat", "m/one", "ok", "200") is child
+    # The same values of another metric are another child.
+    assert observability._child(metrics.CHARGED, "m/one") is metrics.CHARGED.labels(model="m/one")
+    before = child._value.get()
+    observability._child(metrics.REQUESTS, "chat", "m/one", "ok", "200").inc()
+    assert child._value.get() == before + 1
+    # Past the bound, children are still right, only not remembered.
+    monkeypatch.setattr(observability, "CHILDREN", 2)
+    other = observability._child(metrics.REQUESTS, "chat", "m/two", "ok", "200")
+    assert other is metrics.REQUESTS.labels(
+        endpoint="chat", model="m/two", outcome="ok", status="200"
+    )
+    assert len(observability._children) == 2
+
+
 def test_pending_records_are_counted_at_scrape(account: Account) -> None:
     client = Client()
     before = sample(scrape(client), "openrouter_proxy_records_pending_settlement")
