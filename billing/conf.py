@@ -32,11 +32,12 @@ class BillingSettings:
 
     @cached_property
     def ADMISSION_CONNECTIONS(self) -> int:
-        """Database connections per serving event loop for admissions on the loop.
+        """Database connections per serving event loop for admissions and records on the loop.
 
-        On PostgreSQL the proxy's fast path admits requests without key limits
-        over psycopg's asynchronous connections (see
-        ``billing.services.admission_async``), at most this many at once.
+        On PostgreSQL the proxy's fast path admits requests without key limits,
+        and a worker that is not busy records a lone request, over psycopg's
+        asynchronous connections (see ``billing.services.admission_async`` and
+        ``billing.services.recording_async``), at most this many at once.
         """
         return int(self._get("ADMISSION_CONNECTIONS", 8))
 

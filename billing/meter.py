@@ -35,6 +35,7 @@ from billing.services import (
     bill,
     generation_belongs_to,
     give_up_pending,
+    recording_async,
     release_request,
     settle_pending,
 )
@@ -139,6 +140,14 @@ class BillingMeter:
 
     def record(self, draft: UsageDraft) -> Receipt:
         return self._receipt(draft, record_usage_durably(draft))
+
+    async def record_async(self, draft: UsageDraft) -> Receipt:
+        """:meth:`record` on the event loop (PostgreSQL); in a thread when it cannot be."""
+        if admission_async.available():
+            recorded = await recording_async.record_usage(draft)
+            if recorded is not None:
+                return self._receipt(draft, recorded)
+        return await run_db(self.record, draft)
 
     def record_many(self, drafts: Sequence[UsageDraft]) -> list[Receipt]:
         """:meth:`record` for several drafts, in one transaction where the database allows."""

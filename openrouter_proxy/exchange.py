@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from contextvars import ContextVar
@@ -222,10 +222,17 @@ class _Records:
             await asyncio.sleep(0)  # the drafts of the requests ending in this turn
             while self._waiting:
                 batch, self._waiting = self._waiting, []
+                # A worker that is not busy awaits a lone record on the loop,
+                # where its meter can (see Exchange.admit for the same rule).
+                on_loop = _serving_loop.get() and _running < LOOP_ADMISSION_BELOW
                 for meter, entries in _by_meter(batch, lambda entry: entry[0]):
                     drafts = [draft for _, draft, _ in entries]
+                    record_async = getattr(meter, "record_async", None) if on_loop else None
                     try:
-                        outcomes = await run_db(_record_all, meter, drafts)
+                        if record_async is not None and len(drafts) == 1:
+                            outcomes = [await _outcome(record_async(drafts[0]))]
+                        else:
+                            outcomes = await run_db(_record_all, meter, drafts)
                     except asyncio.CancelledError:
                         # A stop that would not wait longer: the thread still
                         # writes a batch it started; the rest is left to recovery.
@@ -247,6 +254,14 @@ class _Records:
             for _, _, receipt in self._waiting:
                 receipt.cancel()
             self._waiting = []
+
+
+async def _outcome(receipt: Awaitable[Receipt]) -> Receipt | Exception:
+    """A receipt, or what stopped its record."""
+    try:
+        return await receipt
+    except Exception as error:
+        return error
 
 
 def _record_all(meter: Meter, drafts: list[UsageDraft]) -> list[Receipt | Exception]:

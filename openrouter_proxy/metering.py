@@ -29,7 +29,7 @@ keeps the order:
 * ``beat`` every ``heartbeat_interval`` seconds from each serving event loop,
   and ``retire`` when the loop stops cleanly.
 
-Five methods are optional. ``admit_many(requests)``, when the meter has it,
+Six methods are optional. ``admit_many(requests)``, when the meter has it,
 takes the admissions that queued on a loop behind the ones on their way to
 the database threads, and returns for each, in order, its
 :class:`AdmissionResult` or the exception its admission raised; if it raises,
@@ -44,10 +44,14 @@ draft alone with ``record`` (so it must leave nothing half written). On a
 serving loop (the fast path, see ``exchange.on_serving_loop``) the proxy
 awaits ``admit_async(request)`` instead of calling ``admit`` in a thread,
 when the meter has it: a meter whose database has an asynchronous driver
-spares the request two thread hops. At a clean stop the proxy awaits
-``aclose()``, when the meter has it, on each serving loop. ``record`` and
-``record_many`` stay synchronous: they run after the response has ended, off
-the request's path.
+spares the request two thread hops. Likewise, a worker that is not busy
+awaits ``record_async(draft)`` for a lone draft, when the meter has it, instead
+of calling ``record`` in a thread: the thread and the loop would otherwise
+trade the interpreter's lock around each of the thread's socket calls while
+the loop serves the next request. It returns the :class:`Receipt` ``record``
+would. At a clean stop the proxy awaits ``aclose()``, when the meter has it,
+on each serving loop. ``record`` and ``record_many`` stay synchronous: they
+run after the response has ended, off the request's path.
 """
 
 from __future__ import annotations

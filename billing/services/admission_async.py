@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import psycopg
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
 from billing.conf import billing_settings
@@ -67,7 +67,9 @@ class _Connections:
 
     @staticmethod
     def _params() -> dict[str, Any]:
-        params = connection.get_connection_params()
+        # Not django.db.connection's: on the loop that is a new wrapper in each
+        # request's context, left as cyclic garbage when a connection opens.
+        params = _offline().get_connection_params()
         params.pop("cursor_factory", None)
         if billing_settings.PREPARED_STATEMENTS:
             # Bound and prepared on the server, as hot_cursor's statements are.

@@ -58,12 +58,18 @@ def grant_credits(
 def _notify_if_low(user_id: int, balance: Decimal, decrease: Decimal) -> None:
     """Send ``credits_low`` after commit if this decrease crossed the threshold."""
     threshold = billing_settings.CREDITS_LOW_THRESHOLD
-    if balance < threshold <= balance + decrease:
+    if crosses_low_threshold(balance, decrease):
         transaction.on_commit(
             lambda: credits_low.send(
                 sender=CreditAccount, user_id=user_id, balance=balance, threshold=threshold
             )
         )
+
+
+def crosses_low_threshold(balance: Decimal, decrease: Decimal) -> bool:
+    """Whether a decrease that left ``balance`` took it below ``BILLING_CREDITS_LOW_THRESHOLD``."""
+    threshold = billing_settings.CREDITS_LOW_THRESHOLD
+    return balance < threshold <= balance + decrease
 
 
 def balance_of(user: Any) -> Decimal:

@@ -6,13 +6,14 @@ import enum
 import functools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 
 from billing.models import (
@@ -36,7 +37,7 @@ from billing.services._sql import (
     hot_cursor,
 )
 from billing.services.admission import release_request
-from billing.services.ledger import _account_upsert_sql, _notify_if_low
+from billing.services.ledger import _account_upsert_sql, _notify_if_low, crosses_low_threshold
 from billing.services.pricing import Charge, bill, cost_at_price, determine_charge
 from billing.signals import key_limit_reached
 from openrouter_proxy.metering import ReportedUsage, UsageDraft
@@ -89,8 +90,11 @@ class _Plan:
     key: tuple[int, str] | None
 
 
-def _plan(draft: UsageDraft) -> _Plan:
-    charge = determine_charge(draft, price_table_cost)
+def _plan(
+    draft: UsageDraft,
+    price_table: Callable[[ReportedUsage, str], Decimal | None] = price_table_cost,
+) -> _Plan:
+    charge = determine_charge(draft, price_table)
     usage = draft.usage
     keeps_slot = draft.holds_slot and charge.settlement == Settlement.PENDING
     now = timezone.now()
@@ -315,9 +319,9 @@ def _key_of(api_key_id: int | None, label: str) -> tuple[int, str] | None:
 
 
 def _meter_upsert_params(
-    key: tuple[int, str], user_id: int, amount: Decimal, at: datetime
+    key: tuple[int, str], user_id: int, amount: Decimal, at: datetime, on: Any = None
 ) -> list[Any]:
-    ops = connection.ops
+    ops = (on or connection).ops
     units = to_units(amount)
     day = ops.adapt_datefield_value(_utc_day(at))
     return [key[0], user_id, key[1], units, units, day, ops.adapt_datetimefield_value(at)]
@@ -356,8 +360,25 @@ def _notify_if_key_limit(
     key_id: int, user_id: int, amount: Decimal, day: date, counters: Any
 ) -> None:
     """Send ``key_limit_reached`` after commit for each cap this charge reached."""
+    for limit, value, bound in _key_limits_reached(amount, day, counters):
+        transaction.on_commit(
+            functools.partial(
+                key_limit_reached.send,
+                sender=KeyMeter,
+                api_key_id=key_id,
+                user_id=user_id,
+                limit=limit,
+                spent=from_units(value),
+                cap=from_units(bound),
+                day=day,
+            )
+        )
+
+
+def _key_limits_reached(amount: Decimal, day: date, counters: Any) -> list[tuple[str, int, int]]:
+    """The caps a charge of ``amount`` reached, from its key meter's new counters."""
     if counters is None or counters[0] is None:
-        return
+        return []
     spent, spent_today, counter_day, cap, daily_cap = counters
     units = to_units(amount)
     if isinstance(counter_day, str):
@@ -371,19 +392,7 @@ def _notify_if_key_limit(
         and spent_today >= daily_cap > spent_today - units
     ):
         reached.append(("daily_spend_limit", spent_today, daily_cap))
-    for limit, value, bound in reached:
-        transaction.on_commit(
-            functools.partial(
-                key_limit_reached.send,
-                sender=KeyMeter,
-                api_key_id=key_id,
-                user_id=user_id,
-                limit=limit,
-                spent=from_units(value),
-                cap=from_units(bound),
-                day=day,
-            )
-        )
+    return reached
 
 
 @functools.cache
@@ -426,13 +435,20 @@ def _record_and_charge_sql(vendor: str, record_fields: tuple[str, ...], closes: 
     )
 
 
-def _record_and_charge_statement(plan: _Plan, closes: bool = True) -> tuple[str, list[Any]]:
-    """The text and parameters of :func:`_record_and_charge_in_one_statement`."""
+def _record_and_charge_statement(
+    plan: _Plan, closes: bool = True, on: BaseDatabaseWrapper | None = None
+) -> tuple[str, list[Any]]:
+    """The text and parameters of :func:`_record_and_charge_in_one_statement`.
+
+    ``on`` is the database wrapper whose vendor and value adapters build it
+    (the thread's own connection by default).
+    """
+    on = on or connections[DEFAULT_DB_ALIAS]
     values, amount, at = plan.values, plan.charge.billed, plan.at
     user_id, request_id, key = plan.draft.user_id, plan.draft.request_id, plan.key
-    sql = _record_and_charge_sql(connection.vendor, tuple(values), closes)
-    record_params = _prepared(UsageRecord, values)[1]
-    at_value = connection.ops.adapt_datetimefield_value(at)
+    sql = _record_and_charge_sql(on.vendor, tuple(values), closes)
+    record_params = _prepared(UsageRecord, values, on)[1]
+    at_value = on.ops.adapt_datetimefield_value(at)
     params = [
         *record_params,
         user_id,
@@ -445,7 +461,7 @@ def _record_and_charge_statement(plan: _Plan, closes: bool = True) -> tuple[str,
         -to_units(amount),
         at_value,
         plan.release,
-        *_meter_upsert_params(key or (0, ""), user_id, amount, at),
+        *_meter_upsert_params(key or (0, ""), user_id, amount, at, on),
         key is not None and amount > 0,
     ]
     if closes:
@@ -486,6 +502,16 @@ def _record_and_charge_in_one_statement(plan: _Plan) -> None:
     else:
         row = execute()
     _notify_after_charge(plan, row)
+
+
+def _signals_due(plan: _Plan, row: Any) -> bool:
+    """Whether :func:`_notify_after_charge` would send a signal for this charge's counters."""
+    amount, key = plan.charge.billed, plan.key
+    if amount <= 0 or row is None:
+        return False
+    if row[0] is not None and crosses_low_threshold(from_units(row[0]), amount):
+        return True
+    return key is not None and bool(_key_limits_reached(amount, _utc_day(plan.at), row[1:]))
 
 
 def _notify_after_charge(plan: _Plan, row: Any) -> None:

@@ -267,7 +267,13 @@ def held_records(monkeypatch: pytest.MonkeyPatch) -> Any:
         assert gate.wait(timeout=20), "the test never let the record through"
         return real(self, draft)
 
+    async def held_on_the_loop(self: BillingMeter, draft: Any) -> Any:
+        assert await asyncio.to_thread(gate.wait, 20), "the test never let the record through"
+        return await real_async(self, draft)
+
+    real_async = BillingMeter.record_async
     monkeypatch.setattr(BillingMeter, "record", held)
+    monkeypatch.setattr(BillingMeter, "record_async", held_on_the_loop)
     yield gate
     gate.set()
 
