@@ -14,7 +14,9 @@ like any background task. The caller's next admission on this worker is told
 how many of its requests are ended but not yet recorded, so their slots do not
 count against its bound on requests in flight. A busy worker records its ended
 requests in batches: the drafts that end while one call is on its way go
-together in the next (``record_many``, where the meter has it).
+together in the next (``record_many``, where the meter has it). One that is
+not busy awaits a lone draft's record on the loop (``record_async``, where the
+meter has it), as it does its admissions.
 """
 
 from __future__ import annotations
@@ -198,11 +200,13 @@ _answer_notes = PerLoop(_AnswerNotes).get
 class _Records:
     """The drafts of one event loop's ended requests, recorded in batches.
 
-    When no call is on its way, a draft goes to a database thread one turn
-    of the loop after it comes; the drafts that come meanwhile go together
-    in the next call (one transaction for all, where the meter has
-    ``record_many``). An idle worker records each request as it ends; a busy
-    one spares the database a commit and itself a thread hop per request.
+    When no call is on its way, a draft goes one turn of the loop after it
+    comes: alone, on the loop itself while the worker is not busy (where the
+    meter has ``record_async``), else to a database thread; the drafts that
+    come meanwhile go together in the next call (one transaction for all,
+    where the meter has ``record_many``). An idle worker records each request
+    as it ends; a busy one spares the database a commit and itself a thread
+    hop per request.
     """
 
     def __init__(self) -> None:
