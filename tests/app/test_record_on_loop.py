@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from django.db import connection
 
 from billing import spool
 from billing.meter import BillingMeter
@@ -21,23 +20,16 @@ from billing.models import (
     OpenRequest,
     UsageRecord,
 )
-from billing.services import admission_async, balance_of, check_key_meters, check_ledger
+from billing.services import balance_of, check_key_meters, check_ledger
 from billing.services import recording_async as on_loop
 from billing.signals import credits_low
 from openrouter_proxy import db, exchange
 from openrouter_proxy.metering import Receipt, UsageDraft
+from tests.app.test_admission_async import _postgres_only, on_one_loop  # noqa: F401 (autouse)
 from tests.app.test_prepared import its_draft, streamed_request
 from tests.support.accounts import Account, make_account
 
-T = TypeVar("T")
-
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _postgres_only() -> None:
-    if connection.vendor != "postgresql":
-        pytest.skip("psycopg's asynchronous connections are PostgreSQL's")
 
 
 @pytest.fixture
@@ -53,16 +45,6 @@ def threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr("billing.meter.run_db", counted)
     monkeypatch.setattr(on_loop, "run_db", counted)
     return handed
-
-
-def on_one_loop(steps: Callable[[], Awaitable[T]]) -> T:
-    async def run() -> T:
-        try:
-            return await steps()
-        finally:
-            await admission_async.close()
-
-    return asyncio.run(run())
 
 
 def admitted_draft(meter: BillingMeter, account: Account, cost: str) -> UsageDraft:
