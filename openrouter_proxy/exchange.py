@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import suppress
 from contextvars import ContextVar
@@ -90,9 +90,17 @@ _running = 0
 LOOP_ADMISSION_BELOW = 8
 
 
+def _on_the_loop() -> bool:
+    """Whether this serving loop's worker is not busy: its database work is awaited on the loop.
+
+    That is a meter's ``admit_async`` and, for a lone draft, its ``record_async``.
+    """
+    return _serving_loop.get() and _running < LOOP_ADMISSION_BELOW
+
+
 def records_in_progress() -> int:
     """How many ended requests this process has yet to record (every loop)."""
-    return sum(len(tasks) for tasks in list(_recording.values()))
+    return sum(len(receipts) for receipts in list(_recording.values()))
 
 
 def _start_record(meter: Meter, draft: UsageDraft) -> asyncio.Future[Receipt]:
@@ -226,15 +234,13 @@ class _Records:
             await asyncio.sleep(0)  # the drafts of the requests ending in this turn
             while self._waiting:
                 batch, self._waiting = self._waiting, []
-                # A worker that is not busy awaits a lone record on the loop,
-                # where its meter can (see Exchange.admit for the same rule).
-                on_loop = _serving_loop.get() and _running < LOOP_ADMISSION_BELOW
+                on_loop = _on_the_loop()
                 for meter, entries in _by_meter(batch, lambda entry: entry[0]):
                     drafts = [draft for _, draft, _ in entries]
                     record_async = getattr(meter, "record_async", None) if on_loop else None
                     try:
                         if record_async is not None and len(drafts) == 1:
-                            outcomes = [await _outcome(record_async(drafts[0]))]
+                            outcomes = [await record_async(drafts[0])]
                         else:
                             outcomes = await run_db(_record_all, meter, drafts)
                     except asyncio.CancelledError:
@@ -258,14 +264,6 @@ class _Records:
             for _, _, receipt in self._waiting:
                 receipt.cancel()
             self._waiting = []
-
-
-async def _outcome(receipt: Awaitable[Receipt]) -> Receipt | Exception:
-    """A receipt, or what stopped its record."""
-    try:
-        return await receipt
-    except Exception as error:
-        return error
 
 
 def _record_all(meter: Meter, drafts: list[UsageDraft]) -> list[Receipt | Exception]:
@@ -463,7 +461,7 @@ class Exchange:
         """Ask the meter to admit the request; a caller leaving meanwhile gives it back."""
         request = self.metered_request()
         admit_async = None
-        if _serving_loop.get() and _running < LOOP_ADMISSION_BELOW:
+        if _on_the_loop():
             admit_async = getattr(self.meter, "admit_async", None)
         admitting: asyncio.Future[AdmissionResult] | _Admitting
         if admit_async is not None:

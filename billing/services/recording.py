@@ -319,9 +319,13 @@ def _key_of(api_key_id: int | None, label: str) -> tuple[int, str] | None:
 
 
 def _meter_upsert_params(
-    key: tuple[int, str], user_id: int, amount: Decimal, at: datetime, on: Any = None
+    key: tuple[int, str],
+    user_id: int,
+    amount: Decimal,
+    at: datetime,
+    on: BaseDatabaseWrapper | None = None,
 ) -> list[Any]:
-    ops = (on or connection).ops
+    ops = (on or connections[DEFAULT_DB_ALIAS]).ops
     units = to_units(amount)
     day = ops.adapt_datefield_value(_utc_day(at))
     return [key[0], user_id, key[1], units, units, day, ops.adapt_datetimefield_value(at)]
