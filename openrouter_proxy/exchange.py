@@ -147,16 +147,26 @@ def _recorded(meter: Meter, draft: UsageDraft, receipt: asyncio.Future[Receipt])
         )
 
 
+#: How long a note of the upstream's generation id waits before it is told: a
+#: request whose record starts meanwhile never needs it. Only a worker that dies
+#: within the wait leaves a trace without the id (recorded unpriced, as one that
+#: dies before the upstream answers); the record of a stream that ends later has it.
+NOTE_WAIT = 0.01
+
+
 class _AnswerNotes:
     """The answer notes of one event loop's requests, told to their meter in batches.
 
-    When no call is on its way, a note goes to a database thread one turn of
-    the loop after it comes; the notes that come meanwhile go together in the
-    next call (one statement for all, where the meter has ``answered_many``).
-    An idle worker tells each note as it comes; a busy one a few batches a
-    second, not one statement and one thread hop per stream. A note still
-    waiting when its request's record is started is dropped: the record
-    carries the generation id itself.
+    A note is told ``NOTE_WAIT`` after it comes, in a database thread,
+    together with every note that came meanwhile (one statement for all,
+    where the meter has ``answered_many``); the notes that come while that
+    call is on its way wait as long again once it has returned. A note
+    still waiting when its request's record is started is dropped: the
+    record carries the generation id itself. So a request that ends within
+    the wait (a JSON answer whose body came a turn after its headers, a
+    brief stream) costs the database no statement for its note, and a busy
+    worker tells its streams' notes a few batches a second, not one
+    statement and one thread hop per stream.
     """
 
     def __init__(self) -> None:
@@ -173,11 +183,10 @@ class _AnswerNotes:
 
     async def _tell(self) -> None:
         try:
-            # One turn first: an answer that came whole with its headers (a
-            # short JSON answer) has its record started in this turn, which
-            # drops its note, and the database is spared a statement.
-            await asyncio.sleep(0)
-            while self._waiting:
+            while True:
+                await asyncio.sleep(NOTE_WAIT)
+                if not self._waiting:
+                    return  # every note was dropped by its record
                 batch, self._waiting = self._waiting, {}
                 for meter, entries in _by_meter(batch.values(), lambda entry: entry[0]):
                     notes = [note for _, note in entries]

@@ -84,7 +84,7 @@ def test_notes_that_come_while_one_is_told_go_together_and_a_dropped_one_not_at_
 
     async def serving() -> None:
         notes = exchange._answer_notes()
-        notes.add(meter, note("gen-a"))  # told at once: nothing is on its way
+        notes.add(meter, note("gen-a"))  # told after the wait: nothing is on its way
         assert await asyncio.to_thread(meter.first_call.wait, 10)
         later = [note("gen-b"), note("gen-c"), note("gen-d")]
         for each in later:
@@ -114,6 +114,33 @@ def test_a_note_whose_record_starts_in_the_same_turn_is_never_told() -> None:
         await told(notes)
         notes.add(meter, note("gen-streamed"))  # a stream's note, nothing drops it
         await told(notes)
+
+    asyncio.run(serving())
+    assert meter.calls == [("one", ["gen-streamed"])]
+
+
+def test_a_note_waits_before_it_is_told_and_one_dropped_meanwhile_never_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that ends within the wait (its body turns after its headers) costs no note."""
+    monkeypatch.setattr(exchange, "NOTE_WAIT", 0.2)
+    meter: Any = RecordingMeter(many=True)
+    meter.let_go.set()
+
+    async def serving() -> None:
+        loop = asyncio.get_running_loop()
+        notes = exchange._answer_notes()
+        short, streamed = note("gen-short"), note("gen-streamed")
+        began = loop.time()
+        notes.add(meter, short)
+        notes.add(meter, streamed)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the short answer's body, turns later
+        await asyncio.sleep(0.01)
+        notes.drop(short.request_id)  # its record has started
+        assert meter.calls == []
+        await told(notes)
+        assert loop.time() - began >= 0.2
 
     asyncio.run(serving())
     assert meter.calls == [("one", ["gen-streamed"])]
