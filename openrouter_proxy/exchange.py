@@ -148,9 +148,9 @@ def _recorded(meter: Meter, draft: UsageDraft, receipt: asyncio.Future[Receipt])
 
 
 #: How long a note of the upstream's generation id waits before it is told: a
-#: request whose record starts meanwhile never needs it. Only a worker that dies
-#: within the wait leaves a trace without the id (recorded unpriced, as one that
-#: dies before the upstream answers); the record of a stream that ends later has it.
+#: request whose record starts meanwhile never needs it. A worker that dies before
+#: its note is told (the wait, then the call) leaves a trace without the id,
+#: recorded unpriced, as one that dies before the upstream answers.
 NOTE_WAIT = 0.01
 
 
